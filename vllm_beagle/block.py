@@ -1,0 +1,138 @@
+"""The Beagle block's math, defined once for the reference model, the trainer and the vLLM model.
+
+Everything but the attention itself lives here; each caller supplies attention over its own K/V
+store (a dense masked SDPA in the reference and the trainer, vLLM's paged `Attention` in vLLM).
+
+The one convention (DESIGN.md section 1), in vLLM's row layout: row `p` carries the state `h_p`
+(the target's, or the draft's own prediction) and the token `t_{p+1}`.
+  - keys/values of row `p` come from `h_p`, RoPE at position `p`;
+  - the query of row `p` comes from `e(t_{p+1})`, RoPE at position `p + 1` (its token's position);
+  - row `p` attends to rows `<= p`, which is Beagle's strict mask `j < i` for the token at `i = p+1`;
+  - the row's output `ĥ` is the predicted state at position `p + 1`; `LMHead(ĥ)` predicts `t_{p+2}`;
+    `ĥ` is also what the next draft step feeds back as the state of its row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .schema import STATE_LAYER, BeagleConfig
+
+# The query's token sits one position after the state of its row.
+QUERY_POSITION_OFFSET = 1
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 as Llama targets do, so that the draft sees the target's numbers in any dtype.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Neox-style rotary embedding (Llama's), with the target's RoPE type and parameters."""
+
+    def __init__(self, cfg: BeagleConfig):
+        super().__init__()
+        inv_freq, self.scaling = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [..., T, heads, head_dim]; positions: [..., T]."""
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)
+        cos, sin = emb.cos() * self.scaling, emb.sin() * self.scaling
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def rope_inv_freq(cfg: BeagleConfig) -> tuple[torch.Tensor, float]:
+    params = cfg.rope_parameters
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        exponent = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim
+        return 1.0 / (params["rope_theta"] ** exponent), 1.0
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"RoPE type {rope_type!r} depends on the sequence length; Beagle supports static types only")
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unknown RoPE type {rope_type!r}")
+    llama = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                        rope_parameters=dict(params))
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](llama, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BeagleBlock(nn.Module):
+    """One cross-attention block with an MLP; parameter names are the checkpoint's tensor names."""
+
+    def __init__(self, cfg: BeagleConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.query_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.state_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(H, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, H, bias=False)
+        self.mlp_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(H, cfg.intermediate_size)
+        self.final_norm = RMSNorm(H, cfg.rms_norm_eps) if cfg.state == STATE_LAYER else None
+        self.rotary = Rotary(cfg)
+
+    def queries(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[..., T, H] token embeddings of the rows -> [..., T, heads, head_dim] rotated queries."""
+        q = self.q_proj(self.query_norm(embeds)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.rotary(q, positions + QUERY_POSITION_OFFSET)
+
+    def keys_values(self, states: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., T, H] states of the rows -> rotated keys and values, [..., T, kv_heads, head_dim]."""
+        x = self.state_norm(states)
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return self.rotary(k, positions), v
+
+    def output(self, embeds: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual on the token embedding, then the MLP: the predicted state ĥ. attn: [..., T, heads*hd]."""
+        y = embeds + self.o_proj(attn)
+        return y + self.mlp(self.mlp_norm(y))
+
+    def logits_input(self, predicted: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads: ĥ itself for a post-norm state, the final norm of ĥ for a pre-norm one."""
+        return predicted if self.final_norm is None else self.final_norm(predicted)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Dense attention with an explicit visibility mask, GQA by head grouping.
+
+    q: [..., T, heads, d]; k, v: [..., S, kv_heads, d]; visible: [..., T, S] bool. Returns [..., T, heads*d].
+    Every row must see at least one key.
+    """
+    out = F.scaled_dot_product_attention(
+        q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
+        attn_mask=visible.unsqueeze(-3), enable_gqa=q.shape[-2] != k.shape[-2],
+    )
+    return out.transpose(-3, -2).flatten(-2)

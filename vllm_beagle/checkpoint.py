@@ -1,0 +1,85 @@
+"""Reading, checking and writing Beagle checkpoints (config.json + model.safetensors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .schema import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    BeagleConfig,
+    CheckpointError,
+    check_against_target,
+    read_config,
+)
+
+
+def check_tensors(cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor], checkpoint: str) -> None:
+    """Refuse missing or unexpected tensors, wrong shapes, non-float dtypes and NaN/Inf values."""
+    required, optional = cfg.tensor_shapes()
+    shapes = {**required, **optional}
+    missing = sorted(set(required) - set(tensors))
+    if missing:
+        raise CheckpointError(checkpoint, f"{WEIGHTS_FILE} lacks the tensor(s) {missing}")
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        raise CheckpointError(
+            checkpoint, f"{WEIGHTS_FILE} has unexpected tensor(s) {extra}; a Beagle draft holds {sorted(shapes)}"
+        )
+    for name, t in tensors.items():
+        if tuple(t.shape) != shapes[name]:
+            raise CheckpointError(
+                checkpoint, f"tensor '{name}' has shape {tuple(t.shape)} but the config needs {shapes[name]}"
+            )
+        if not t.is_floating_point():
+            raise CheckpointError(checkpoint, f"tensor '{name}' has dtype {t.dtype}; weights must be floating point")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(checkpoint, f"tensor '{name}' holds {bad} NaN/Inf value(s)")
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(file):
+        raise CheckpointError(path, f"no {WEIGHTS_FILE} in the directory")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(path, f"{WEIGHTS_FILE} is truncated or not a safetensors file ({e})") from None
+
+
+def load_checkpoint(path: str, target: Mapping[str, Any] | None = None,
+                    target_name: str = "target") -> tuple[BeagleConfig, dict[str, torch.Tensor]]:
+    """Read and fully check a checkpoint, against the target's HF config when one is given."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(path, "is not a directory")
+    cfg = read_config(path)
+    if target is not None:
+        check_against_target(cfg, target, path, target_name)
+    tensors = read_tensors(path)
+    check_tensors(cfg, tensors, path)
+    return cfg, tensors
+
+
+def save_checkpoint(path: str, cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write a checkpoint; each file appears whole or not at all, weights before config."""
+    path = os.fspath(path)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    check_tensors(cfg, tensors, path)
+    os.makedirs(path, exist_ok=True)
+    weights = os.path.join(path, WEIGHTS_FILE)
+    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+    os.replace(weights + ".tmp", weights)
+    config = os.path.join(path, CONFIG_FILE)
+    with open(config + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(cfg.to_hf_dict(), f, indent=2)
+        f.write("\n")
+    os.replace(config + ".tmp", config)

@@ -1,0 +1,93 @@
+"""Offline vLLM runs: a target with or without a draft, greedy outputs and spec-decode counters.
+
+Shared by `beagle demo`, the tests and the benchmarks, so that every figure comes from one code path.
+Scripts that use it need an `if __name__ == "__main__":` guard: vLLM spawns its engine process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+SPEC_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "num_drafts",
+    "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+}
+PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+@dataclasses.dataclass
+class SpecCounters:
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def tau(self) -> float:
+        """Mean acceptance length, counting the token the target adds to every round."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else float("nan")
+
+    @property
+    def per_position_rate(self) -> list[float]:
+        return [a / self.num_drafts for a in self.accepted_per_pos] if self.num_drafts else []
+
+    def __sub__(self, before: "SpecCounters") -> "SpecCounters":
+        width = max(len(self.accepted_per_pos), len(before.accepted_per_pos))
+        pad = lambda xs: list(xs) + [0] * (width - len(xs))  # noqa: E731
+        return SpecCounters(
+            self.num_drafts - before.num_drafts,
+            self.num_draft_tokens - before.num_draft_tokens,
+            self.num_accepted_tokens - before.num_accepted_tokens,
+            [a - b for a, b in zip(pad(self.accepted_per_pos), pad(before.accepted_per_pos))],
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "tau": self.tau, "per_position_rate": self.per_position_rate}
+
+
+def spec_counters(llm) -> SpecCounters:
+    """vLLM's cumulative spec-decode counters (zero when the engine drafts nothing)."""
+    counters = SpecCounters()
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_COUNTERS:
+            field = SPEC_COUNTERS[metric.name]
+            setattr(counters, field, getattr(counters, field) + metric.value)
+        elif metric.name == PER_POSITION:
+            values = list(metric.values)
+            width = max(len(values), len(counters.accepted_per_pos))
+            old = counters.accepted_per_pos + [0] * (width - len(counters.accepted_per_pos))
+            counters.accepted_per_pos = [a + b for a, b in zip(old, values + [0] * (width - len(values)))]
+    return counters
+
+
+def make_llm(target: str, speculative_config: dict | None = None, **engine_kwargs):
+    """An offline engine for a local target, with CPU-friendly defaults that callers may override."""
+    from vllm import LLM
+
+    kwargs = dict(model=target, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+                  disable_log_stats=False, max_num_seqs=8)
+    kwargs.update(engine_kwargs)
+    return LLM(speculative_config=speculative_config, **kwargs)
+
+
+def generate(llm, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+             ignore_eos: bool = False) -> dict[str, Any]:
+    """Generate from token-id prompts; returns output ids, wall time and the counters of this call alone."""
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=ignore_eos, seed=0)
+    before = spec_counters(llm)
+    start = time.perf_counter()
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    ids = [list(o.outputs[0].token_ids) for o in outputs]
+    return {"outputs": ids, "seconds": seconds, "num_output_tokens": sum(map(len, ids)),
+            "spec": (spec_counters(llm) - before).as_dict()}
+
+
+def shutdown(llm) -> None:
+    """Stop the engine now rather than at interpreter exit, when vLLM's log streams may be closed."""
+    llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,141 @@
+"""The pure-PyTorch reference Beagle draft, the target states it reads, and greedy chain drafting.
+
+This is the model the trainer trains and the yardstick the vLLM model is held to: the same weights
+and inputs must give the same draft tokens here and inside vLLM. No vLLM import.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .block import BeagleBlock, masked_attention
+from .checkpoint import load_checkpoint, save_checkpoint
+from .schema import STATE_FINAL_NORM, BeagleConfig
+
+
+class ReferenceDraft(nn.Module):
+    """Beagle block + the target's (frozen) embedding and LM head, attention over a dense K/V set."""
+
+    def __init__(self, cfg: BeagleConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.block = BeagleBlock(cfg)
+        self.register_buffer("embed_weight", embed_weight.detach().clone(), persistent=False)
+        self.register_buffer("lm_head_weight", lm_head_weight.detach().clone(), persistent=False)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, target: nn.Module) -> "ReferenceDraft":
+        """Load a checkpoint for an HF target model, taking embedding and LM head from it unless the checkpoint has its own."""
+        cfg, tensors = load_checkpoint(path, target.config.to_dict(), getattr(target.config, "_name_or_path", "target"))
+        embed = tensors.pop("embed_tokens.weight", None)
+        lm_head = tensors.pop("lm_head.weight", None)
+        draft = cls(
+            cfg,
+            target.get_input_embeddings().weight if embed is None else embed,
+            target.get_output_embeddings().weight if lm_head is None else lm_head,
+        )
+        draft.block.load_state_dict(tensors)
+        return draft.to(target.dtype)
+
+    def save(self, path: str) -> None:
+        """The checkpoint holds the block only; embedding and LM head come from the target when served."""
+        save_checkpoint(path, self.cfg, self.block.state_dict())
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(tokens, self.embed_weight)
+
+    def logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        return self.block.logits_input(predicted) @ self.lm_head_weight.T
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, states: torch.Tensor,
+                state_positions: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted states ĥ for query rows.
+
+        tokens/positions: [..., T], row p's token t_{p+1} and p; states/state_positions: [..., S, H] and
+        [..., S]. visible: [..., T, S]; by default the causal rule `state position <= row position`.
+        """
+        if visible is None:
+            visible = state_positions.unsqueeze(-2) <= positions.unsqueeze(-1)
+        embeds = self.embed(tokens)
+        q = self.block.queries(embeds, positions)
+        k, v = self.block.keys_values(states, state_positions)
+        return self.block.output(embeds, masked_attention(q, k, v, visible))
+
+    @torch.no_grad()
+    def draft_chain(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> list[int]:
+        """Greedy chain drafting as vLLM does it (concat mode).
+
+        tokens: t_0..t_n, the sequence so far including the newest token; states: the true states
+        h_0..h_{n-1}. Returns k draft tokens for positions n+1..n+k. Each step feeds back its own ĥ
+        as the state of the next row.
+        """
+        n = states.shape[0]
+        positions = torch.arange(n)
+        predicted = self(tokens[1:n + 1], positions, states, positions)[-1]
+        drafts = [int(self.logits(predicted).argmax())]
+        for step in range(1, k):
+            states = torch.cat([states, predicted[None]])
+            row = torch.tensor([n - 1 + step])
+            predicted = self(torch.tensor([drafts[-1]]), row, states, torch.arange(n + step))[-1]
+            drafts.append(int(self.logits(predicted).argmax()))
+        return drafts
+
+
+@torch.no_grad()
+def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states, logits) of an HF causal LM over `ids` ([T] or [B, T]); states are what the draft reads.
+
+    final_norm: the last, post-norm hidden state (vLLM `method: eagle`). layer l: the pre-norm residual
+    after decoder layer l-1, l = 0 being the embedding output (vLLM `method: eagle3` aux ids).
+    """
+    batched = ids.dim() == 2
+    ids = ids if batched else ids[None]
+    captured = {}
+    hook = None
+    if cfg.state != STATE_FINAL_NORM:
+        module = (target.get_input_embeddings() if cfg.state_layer == 0
+                  else target.model.layers[cfg.state_layer - 1])
+        hook = module.register_forward_hook(
+            lambda _m, _i, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        out = target.model(input_ids=ids)
+    finally:
+        if hook is not None:
+            hook.remove()
+    final = out.last_hidden_state
+    states = final if cfg.state == STATE_FINAL_NORM else captured["h"]
+    logits = target.lm_head(final)
+    return (states, logits) if batched else (states[0], logits[0])
+
+
+@torch.no_grad()
+def simulate_greedy(target: nn.Module, draft: ReferenceDraft, prompt: list[int], max_tokens: int,
+                    k: int) -> dict:
+    """Greedy speculative decoding of one request, as vLLM's V1 engine runs it with K = k.
+
+    Each round drafts k tokens from the last verified state, accepts the longest prefix that matches
+    the target's greedy tokens, and emits those plus one token from the target. Returns the output
+    tokens and the counters vLLM reports (drafts, draft tokens, accepted, accepted per position).
+    """
+    seq = list(prompt)
+    states, logits = target_states(target, torch.tensor(seq), draft.cfg)
+    seq.append(int(logits[-1].argmax()))
+    stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_pos": [0] * k}
+    while len(seq) - len(prompt) < max_tokens:
+        drafts = draft.draft_chain(torch.tensor(seq), states, k)
+        states, logits = target_states(target, torch.tensor(seq + drafts), draft.cfg)
+        greedy = logits[len(seq) - 1:].argmax(-1).tolist()
+        accepted = 0
+        while accepted < k and drafts[accepted] == greedy[accepted]:
+            accepted += 1
+        stats["num_drafts"] += 1
+        stats["num_draft_tokens"] += k
+        stats["num_accepted_tokens"] += accepted
+        for i in range(accepted):
+            stats["accepted_per_pos"][i] += 1
+        seq += greedy[:accepted + 1]
+        states = states[:len(seq) - 1]
+    stats["output"] = seq[len(prompt):len(prompt) + max_tokens]
+    return stats
+

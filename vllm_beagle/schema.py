@@ -1,0 +1,256 @@
+"""The Beagle checkpoint schema: what `config.json` holds and which tensors `model.safetensors` holds.
+
+A checkpoint is an HF-style directory. `config.json` is a Llama-style one-layer config that vLLM can
+parse, whose `architectures` name one of the classes the plugin registers, plus a `beagle` section
+with what only Beagle needs. This module knows nothing of vLLM, of the trainer or of torch modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# `method: eagle` feeds the target's final, post-norm state; `method: eagle3` feeds the pre-norm
+# residual after a chosen target layer (vLLM's aux hidden-state ids: 0 is the embedding output,
+# `l` is the output of decoder layer `l - 1`).
+STATE_FINAL_NORM = "final_norm"
+STATE_LAYER = "layer"
+ARCH_BY_STATE = {
+    STATE_FINAL_NORM: "EagleBeagleLlamaForCausalLM",
+    STATE_LAYER: "Eagle3BeagleLlamaForCausalLM",
+}
+METHOD_BY_STATE = {STATE_FINAL_NORM: "eagle", STATE_LAYER: "eagle3"}
+KV_MODES = ("concat",)
+
+
+class CheckpointError(ValueError):
+    """A Beagle checkpoint that cannot be served; the message names the checkpoint and the field."""
+
+    def __init__(self, checkpoint: str, message: str):
+        super().__init__(f"Beagle checkpoint {checkpoint}: {message}")
+        self.checkpoint = checkpoint
+
+
+@dataclasses.dataclass
+class BeagleConfig:
+    """Everything needed to build a Beagle draft; widths and RoPE are copied from the target."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_parameters: dict[str, Any]
+    max_position_embeddings: int
+    state: str = STATE_FINAL_NORM
+    state_layer: int | None = None
+    kv_mode: str = "concat"
+    # Free-form facts the trainer records (data size, epochs, command); never read by the model.
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.state not in ARCH_BY_STATE:
+            raise ValueError(f"beagle.state must be one of {sorted(ARCH_BY_STATE)}, got {self.state!r}")
+        if (self.state == STATE_LAYER) != (self.state_layer is not None):
+            raise ValueError("beagle.state_layer is required with state 'layer' and forbidden otherwise")
+        if self.kv_mode not in KV_MODES:
+            raise ValueError(f"beagle.kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def architecture(self) -> str:
+        return ARCH_BY_STATE[self.state]
+
+    @property
+    def method(self) -> str:
+        """The vLLM speculative method that feeds this draft the state it was trained on."""
+        return METHOD_BY_STATE[self.state]
+
+    @classmethod
+    def from_target(cls, target: Mapping[str, Any], intermediate_size: int | None = None, **beagle) -> "BeagleConfig":
+        """A draft config whose widths, heads, vocabulary and RoPE are the target's."""
+        return cls(
+            hidden_size=target["hidden_size"],
+            intermediate_size=intermediate_size or target["intermediate_size"],
+            num_attention_heads=target["num_attention_heads"],
+            num_key_value_heads=target.get("num_key_value_heads") or target["num_attention_heads"],
+            head_dim=head_dim_of(target),
+            vocab_size=target["vocab_size"],
+            rms_norm_eps=target.get("rms_norm_eps", 1e-6),
+            rope_parameters=rope_parameters_of(target),
+            max_position_embeddings=target["max_position_embeddings"],
+            **beagle,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json: a one-layer Llama config that vLLM parses, plus the `beagle` section."""
+        d = {
+            "architectures": [self.architecture],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_hidden_layers": 1,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": dict(self.rope_parameters),
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "beagle": {
+                "version": SCHEMA_VERSION,
+                "state": self.state,
+                "state_layer": self.state_layer,
+                "kv_mode": self.kv_mode,
+                "training": self.training,
+            },
+        }
+        if self.state == STATE_LAYER:
+            # Read by vLLM to choose which target layer's residual it hands to the draft.
+            d["eagle_aux_hidden_state_layer_ids"] = [self.state_layer]
+            d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [self.state_layer],
+                                 "use_aux_hidden_state": True}
+            d["target_hidden_size"] = self.hidden_size
+            d["draft_vocab_size"] = self.vocab_size
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], checkpoint: str = "<config>") -> "BeagleConfig":
+        beagle = d.get("beagle")
+        if not isinstance(beagle, Mapping):
+            raise CheckpointError(checkpoint, "config.json has no 'beagle' section; is this a Beagle checkpoint?")
+        version = beagle.get("version")
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(
+                checkpoint, f"field 'beagle.version' is {version!r} but this vllm-beagle reads version {SCHEMA_VERSION}"
+            )
+        try:
+            cfg = cls(
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_attention_heads=d["num_attention_heads"],
+                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                head_dim=head_dim_of(d),
+                vocab_size=d["vocab_size"],
+                rms_norm_eps=d["rms_norm_eps"],
+                rope_parameters=rope_parameters_of(d),
+                max_position_embeddings=d["max_position_embeddings"],
+                state=beagle.get("state", STATE_FINAL_NORM),
+                state_layer=beagle.get("state_layer"),
+                kv_mode=beagle.get("kv_mode", "concat"),
+                training=dict(beagle.get("training") or {}),
+            )
+        except KeyError as e:
+            raise CheckpointError(checkpoint, f"config.json lacks the field {e.args[0]!r}") from None
+        except ValueError as e:
+            raise CheckpointError(checkpoint, str(e)) from None
+        archs = list(d.get("architectures") or [])
+        if archs != [cfg.architecture]:
+            raise CheckpointError(
+                checkpoint,
+                f"field 'architectures' is {archs} but beagle.state {cfg.state!r} needs [{cfg.architecture!r}]",
+            )
+        return cfg
+
+    def tensor_shapes(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+        """(required, optional) tensor names and shapes of model.safetensors."""
+        H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        required = {
+            "query_norm.weight": (H,),
+            "state_norm.weight": (H,),
+            "q_proj.weight": (q, H),
+            "k_proj.weight": (kv, H),
+            "v_proj.weight": (kv, H),
+            "o_proj.weight": (H, q),
+            "mlp_norm.weight": (H,),
+            "mlp.gate_proj.weight": (I, H),
+            "mlp.up_proj.weight": (I, H),
+            "mlp.down_proj.weight": (H, I),
+        }
+        if self.state == STATE_LAYER:
+            # A pre-norm state needs the target's final norm before the LM head.
+            required["final_norm.weight"] = (H,)
+        # Absent means "use the target's": that is how a draft stays a few MB.
+        optional = {"embed_tokens.weight": (self.vocab_size, H), "lm_head.weight": (self.vocab_size, H)}
+        return required, optional
+
+
+def head_dim_of(cfg: Mapping[str, Any]) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+
+
+def rope_parameters_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE settings in transformers 5 form, also from configs written with the older top-level keys."""
+    params = cfg.get("rope_parameters")
+    if params:
+        params = dict(params)
+    else:
+        params = dict(cfg.get("rope_scaling") or {})
+        if "type" in params and "rope_type" not in params:
+            params["rope_type"] = params.pop("type")
+        params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", "default")
+    params["rope_theta"] = float(params["rope_theta"])
+    return params
+
+
+def check_against_target(cfg: BeagleConfig, target: Mapping[str, Any], checkpoint: str, target_name: str,
+                         num_target_layers: int | None = None) -> None:
+    """Refuse a draft whose width, head layout, vocabulary or RoPE differ from the target's."""
+    ours = {
+        "hidden_size": cfg.hidden_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "rope_parameters": cfg.rope_parameters,
+    }
+    theirs = {
+        "hidden_size": target["hidden_size"],
+        "num_attention_heads": target["num_attention_heads"],
+        "num_key_value_heads": target.get("num_key_value_heads") or target["num_attention_heads"],
+        "head_dim": head_dim_of(target),
+        "vocab_size": target["vocab_size"],
+        "rope_parameters": rope_parameters_of(target),
+    }
+    for field, value in ours.items():
+        if value != theirs[field]:
+            raise CheckpointError(
+                checkpoint, f"field '{field}' is {value!r} in the draft but {theirs[field]!r} in the target {target_name}"
+            )
+    layers = num_target_layers if num_target_layers is not None else target.get("num_hidden_layers")
+    if cfg.state == STATE_LAYER and layers is not None and not 0 <= cfg.state_layer <= layers:
+        raise CheckpointError(
+            checkpoint, f"field 'beagle.state_layer' is {cfg.state_layer} but the target {target_name} "
+            f"has {layers} layers (valid: 0..{layers})"
+        )
+
+
+def read_config(path: str) -> BeagleConfig:
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(path, f"no {CONFIG_FILE} in the directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"{CONFIG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(path, f"{CONFIG_FILE} holds a {type(d).__name__}, not an object")
+    return BeagleConfig.from_hf_dict(d, checkpoint=path)

@@ -1,0 +1,77 @@
+"""A tiny Llama target and a Beagle draft for it, built from nothing in seconds.
+
+Tests and the demo need a target with real saved weights (vLLM's dummy loader makes acceptance
+meaningless) and a draft that is right often but not always, so that acceptance can tell
+conventions apart. No model hub is needed: the tokenizer is the Llama-compatible SentencePiece
+model that vLLM's dependency mistral_common ships.
+
+The target's embeddings are large next to what its layers add, so its next token is mostly a
+function of the current token plus a context-dependent nudge. A Beagle draft with identity-like
+weights then predicts the "mostly" part, and its random attention over the states adds a
+context-dependent nudge of its own: partly right, and sensitive to which states and positions it
+attends to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .reference import ReferenceDraft
+from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_target(out: str, seed: int = 0, hidden: int = 128, layers: int = 2, heads: int = 4,
+                 kv_heads: int = 2, intermediate: int = 256, embed_std: float = 1.0) -> str:
+    """Save a random Llama (fp32 safetensors, tokenizer, chat template) to `out`."""
+    import mistral_common
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    sp = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy(sp, os.path.join(d, "tokenizer.model"))
+        tok = LlamaTokenizer.from_pretrained(d)
+    tok.pad_token = tok.unk_token
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, embed_std)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_draft(target, out: str | None = None, seed: int = 0, state_layer: int | None = None,
+                attn_std: float = 0.3, out_std: float = 0.004, mlp_std: float = 0.02) -> ReferenceDraft:
+    """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
+
+    `state_layer` None reads the final post-norm state (method eagle), an int reads that aux layer
+    (method eagle3). Saved to `out` when given.
+    """
+    beagle = {"state": STATE_FINAL_NORM} if state_layer is None else {"state": STATE_LAYER, "state_layer": state_layer}
+    cfg = BeagleConfig.from_target(target.config.to_dict(), **beagle)
+    draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in draft.block.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            std = out_std if name == "o_proj.weight" else mlp_std if name.startswith("mlp.") else attn_std
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        if draft.block.final_norm is not None:
+            draft.block.final_norm.weight.copy_(target.model.norm.weight)
+    if out is not None:
+        draft.save(out)
+    return draft
