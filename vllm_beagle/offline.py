@@ -84,7 +84,8 @@ def generate(llm, prompts: list[list[int]], max_tokens: int, temperature: float 
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - start
     ids = [list(o.outputs[0].token_ids) for o in outputs]
-    return {"outputs": ids, "seconds": seconds, "num_output_tokens": sum(map(len, ids)),
+    return {"outputs": ids, "texts": [o.outputs[0].text for o in outputs], "seconds": seconds,
+            "num_output_tokens": sum(map(len, ids)),
             "spec": (spec_counters(llm) - before).as_dict()}
 
 

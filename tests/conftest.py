@@ -1,0 +1,76 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Prompts of different lengths, as token ids of the toy target's tokenizer (1 is BOS).
+PROMPTS = [
+    [1, 15043, 29892],
+    [1, 450, 7483, 310, 3444, 338],
+    [1, 512, 263, 21188, 15400, 29891, 2215, 3448, 29892, 727, 10600, 263, 2319, 19964, 1058],
+    [1] + list(range(3000, 3040)),
+    [1, 1724, 338, 13907, 1701, 11428, 29973],
+]
+PARITY_PROMPT = [1, 15043, 29892, 590, 1024, 338]
+MAX_TOKENS = 32
+KS = (1, 3, 5)
+
+
+def spec(draft_dir, k, method="eagle"):
+    return {"method": method, "model": draft_dir, "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny saved target and Beagle drafts for it: method eagle, method eagle3 (last layer's residual)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from vllm_beagle.toy import build_draft, build_target
+
+    root = tmp_path_factory.mktemp("toy")
+    target_dir = build_target(str(root / "target"))
+    target = LlamaForCausalLM.from_pretrained(target_dir).eval()
+    torch.set_grad_enabled(False)
+    layers = target.config.num_hidden_layers
+    return {
+        "root": root,
+        "target_dir": target_dir,
+        "target": target,
+        "draft": build_draft(target, str(root / "beagle-draft")),
+        "draft_dir": str(root / "beagle-draft"),
+        "draft3": build_draft(target, str(root / "beagle3-draft"), state_layer=layers),
+        "draft3_dir": str(root / "beagle3-draft"),
+    }
+
+
+def run_vllm(target: str, runs: list[dict], tmp_dir, multiprocess: bool = False, timeout: int = 900) -> dict:
+    """Run engines in a fresh Python process (see vllm_worker.py) and return their results."""
+    job, out = os.path.join(tmp_dir, "job.json"), os.path.join(tmp_dir, "out.json")
+    with open(job, "w") as f:
+        json.dump({"target": target, "runs": runs}, f)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "vllm_worker.py"), job, out], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"vLLM worker failed:\n{proc.stderr[-6000:]}"
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def engines(toy, tmp_path_factory):
+    """One worker process: plain decoding, then the eagle variant at K = 1, 3, 5.
+
+    The parity request runs alone first on each drafting engine, so that its counters are its own.
+    """
+    batch = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}
+    parity = {"prompts": [PARITY_PROMPT], "max_tokens": MAX_TOKENS}
+    runs = [{"name": "plain", "spec": None, "calls": [batch, parity]}]
+    runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch]} for k in KS]
+    return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))

@@ -1,0 +1,162 @@
+"""Checkpoint schema: saving and loading are exact, and every kind of bad checkpoint is refused with
+an error that names the checkpoint, the field and both values."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm_beagle.checkpoint import load_checkpoint
+from vllm_beagle.reference import ReferenceDraft
+from vllm_beagle.schema import CheckpointError, rope_parameters_of
+
+
+@pytest.fixture
+def ckpt(toy, tmp_path):
+    """A fresh copy of the toy eagle draft, to spoil."""
+    return shutil.copytree(toy["draft_dir"], str(tmp_path / "beagle-ckpt"))
+
+
+@pytest.fixture
+def target_cfg(toy):
+    return toy["target"].config.to_dict()
+
+
+def edit_config(path, **changes):
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    for key, value in changes.items():
+        if value is None:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+def edit_tensors(path, fn):
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    fn(tensors)
+    save_file(tensors, file)
+
+
+def refused(path, target_cfg, *fragments):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, target_cfg, "tiny-target")
+    message = str(e.value)
+    assert path in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_save_and_load_round_trip_exactly(toy, target_cfg):
+    cfg, tensors = load_checkpoint(toy["draft_dir"], target_cfg)
+    assert cfg.method == "eagle" and cfg.state == "final_norm"
+    expected = toy["draft"].block.state_dict()
+    assert sorted(tensors) == sorted(expected)
+    for name, t in expected.items():
+        assert torch.equal(tensors[name], t), name
+    reloaded = ReferenceDraft.from_checkpoint(toy["draft_dir"], toy["target"])
+    assert torch.equal(reloaded.embed_weight, toy["target"].get_input_embeddings().weight)
+    assert torch.equal(reloaded.lm_head_weight, toy["target"].get_output_embeddings().weight)
+
+
+def test_eagle3_checkpoint_names_the_layer_vllm_feeds(toy, target_cfg):
+    cfg, tensors = load_checkpoint(toy["draft3_dir"], target_cfg)
+    layers = toy["target"].config.num_hidden_layers
+    assert cfg.method == "eagle3" and cfg.state_layer == layers
+    with open(os.path.join(toy["draft3_dir"], "config.json")) as f:
+        written = json.load(f)
+    assert written["architectures"] == ["Eagle3BeagleLlamaForCausalLM"]
+    assert written["eagle_aux_hidden_state_layer_ids"] == [layers]
+    assert torch.equal(tensors["final_norm.weight"], toy["target"].model.norm.weight)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_size", 256),
+    ("num_attention_heads", 8),
+    ("num_key_value_heads", 4),
+    ("head_dim", 64),
+    ("vocab_size", 32001),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 500000.0}),
+])
+def test_refuses_a_draft_that_does_not_match_the_target(ckpt, target_cfg, field, value):
+    edit_config(ckpt, **{field: value})
+    theirs = rope_parameters_of(target_cfg) if field == "rope_parameters" else target_cfg[field]
+    refused(ckpt, target_cfg, f"field '{field}' is {value!r} in the draft but {theirs!r} in the target tiny-target")
+
+
+def test_refuses_a_state_layer_the_target_does_not_have(toy, tmp_path, target_cfg):
+    path = shutil.copytree(toy["draft3_dir"], str(tmp_path / "beagle3"))
+    with open(os.path.join(path, "config.json")) as f:
+        beagle = json.load(f)["beagle"]
+    edit_config(path, beagle={**beagle, "state_layer": 7})
+    refused(path, target_cfg, "'beagle.state_layer' is 7", "has 2 layers")
+
+
+@pytest.mark.parametrize("spoil, fragments", [
+    (lambda t: t.pop("k_proj.weight"), ["lacks", "k_proj.weight"]),
+    (lambda t: t.__setitem__("fc.weight", torch.zeros(4, 4)), ["unexpected", "fc.weight"]),
+    (lambda t: t.__setitem__("v_proj.weight", torch.zeros(64, 64)), ["'v_proj.weight' has shape (64, 64)", "(64, 128)"]),
+    (lambda t: t.__setitem__("o_proj.weight", t["o_proj.weight"].to(torch.int32)), ["'o_proj.weight'", "torch.int32"]),
+    (lambda t: t["mlp.up_proj.weight"].__setitem__((3, 5), float("nan")), ["'mlp.up_proj.weight' holds 1 NaN/Inf"]),
+    (lambda t: t["query_norm.weight"].__setitem__(0, float("inf")), ["'query_norm.weight' holds 1 NaN/Inf"]),
+    (lambda t: t.__setitem__("lm_head.weight", torch.zeros(10, 128)), ["'lm_head.weight' has shape (10, 128)"]),
+])
+def test_refuses_bad_tensors(ckpt, target_cfg, spoil, fragments):
+    edit_tensors(ckpt, spoil)
+    refused(ckpt, target_cfg, *fragments)
+
+
+def test_accepts_its_own_embedding_and_lm_head(ckpt, target_cfg, toy):
+    def add(t):
+        t["embed_tokens.weight"] = toy["target"].get_input_embeddings().weight.clone()
+        t["lm_head.weight"] = toy["target"].get_output_embeddings().weight.clone() * 2
+    edit_tensors(ckpt, add)
+    _, tensors = load_checkpoint(ckpt, target_cfg)
+    draft = ReferenceDraft.from_checkpoint(ckpt, toy["target"])
+    assert torch.equal(draft.lm_head_weight, tensors["lm_head.weight"])
+
+
+def test_refuses_a_truncated_weights_file(ckpt, target_cfg):
+    file = os.path.join(ckpt, "model.safetensors")
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[: len(data) // 2])
+    refused(ckpt, target_cfg, "model.safetensors is truncated or not a safetensors file")
+
+
+def test_refuses_a_file_that_is_not_safetensors(ckpt, target_cfg):
+    torch.save({"q_proj.weight": torch.zeros(2)}, os.path.join(ckpt, "model.safetensors"))
+    refused(ckpt, target_cfg, "model.safetensors is truncated or not a safetensors file")
+
+
+def test_refuses_missing_files_and_bad_config(ckpt, target_cfg, tmp_path):
+    os.remove(os.path.join(ckpt, "model.safetensors"))
+    refused(ckpt, target_cfg, "no model.safetensors")
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        f.write("{not json")
+    refused(ckpt, target_cfg, "config.json is not valid JSON")
+    os.remove(os.path.join(ckpt, "config.json"))
+    refused(ckpt, target_cfg, "no config.json")
+    missing = str(tmp_path / "nowhere")
+    refused(missing, target_cfg, "is not a directory")
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    ({"beagle": None}, ["no 'beagle' section"]),
+    ({"beagle": {"version": 99}}, ["'beagle.version' is 99"]),
+    ({"architectures": ["LlamaForCausalLM"]}, ["'architectures' is ['LlamaForCausalLM']", "EagleBeagleLlamaForCausalLM"]),
+    ({"intermediate_size": None}, ["lacks the field 'intermediate_size'"]),
+    ({"beagle": {"version": 1, "state": "middle"}}, ["beagle.state must be one of"]),
+])
+def test_refuses_a_config_that_is_not_a_beagle_config(ckpt, target_cfg, changes, fragments):
+    edit_config(ckpt, **changes)
+    refused(ckpt, target_cfg, *fragments)

@@ -1,0 +1,53 @@
+"""The `beagle` command line: help texts, the server command it builds, refusal before vLLM starts."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vllm_beagle.cli import SERVER_MODULE, serve_command
+
+BEAGLE = os.path.join(os.path.dirname(sys.executable), "beagle")
+
+
+def beagle(*args, timeout=120):
+    return subprocess.run([BEAGLE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, words", [
+    ((), ["serve", "demo"]),
+    (("serve",), ["--draft", "--num-speculative-tokens", "go to vLLM"]),
+    (("demo",), ["--max-tokens", "side by side"]),
+])
+def test_help_explains_each_command(args, words):
+    result = beagle(*args, "--help")
+    assert result.returncode == 0, result.stderr
+    for word in words:
+        assert word in result.stdout
+
+
+def test_serve_command_sets_the_method_from_the_checkpoint(toy):
+    argv = serve_command(toy["target_dir"], toy["draft3_dir"], 5, ["--port", "8123", "--dtype", "float32"])
+    assert argv[:3] == [sys.executable, "-m", SERVER_MODULE]
+    assert argv[argv.index("--model") + 1] == toy["target_dir"]
+    spec = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert spec == {"method": "eagle3", "model": toy["draft3_dir"], "num_speculative_tokens": 5}
+    assert argv[-4:] == ["--port", "8123", "--dtype", "float32"]
+
+
+def test_serve_refuses_a_second_speculative_config(toy):
+    with pytest.raises(SystemExit, match="do not pass --speculative-config"):
+        serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--speculative-config", "{}"])
+
+
+def test_serve_refuses_a_bad_draft_before_starting_vllm(toy, tmp_path):
+    bad = str(tmp_path / "beagle-bad")
+    os.makedirs(bad)
+    start = time.monotonic()
+    result = beagle("serve", toy["target_dir"], "--draft", bad)
+    assert result.returncode == 2
+    assert f"Beagle checkpoint {bad}: no config.json" in result.stderr
+    assert "api_server" not in result.stderr and time.monotonic() - start < 60

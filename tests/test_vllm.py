@@ -1,0 +1,86 @@
+"""The Beagle draft inside vLLM on CPU: lossless greedy output, parity with the reference simulator,
+both plugin variants, and refusal of bad checkpoints before serving."""
+
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import KS, MAX_TOKENS, PARITY_PROMPT, PROMPTS, run_vllm, spec
+from vllm_beagle import block
+from vllm_beagle.reference import simulate_greedy
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.mark.parametrize("k", KS)
+def test_greedy_output_is_lossless(engines, k):
+    plain, drafted = engines["plain"]["calls"][0], engines[f"k{k}"]["calls"][1]
+    assert [len(o) for o in plain["outputs"]] == [MAX_TOKENS] * len(PROMPTS)
+    assert drafted["outputs"] == plain["outputs"]
+    counters = drafted["spec"]
+    assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == k * counters["num_drafts"]
+    assert 0 < counters["num_accepted_tokens"] <= counters["num_draft_tokens"]
+    assert len(counters["accepted_per_pos"]) == k
+
+
+@pytest.mark.parametrize("k", KS)
+def test_reference_simulator_predicts_vllm_acceptance(engines, toy, k):
+    measured = engines[f"k{k}"]["calls"][0]
+    assert measured["outputs"][0] == engines["plain"]["calls"][1]["outputs"][0]
+    rate = measured["spec"]["num_accepted_tokens"] / measured["spec"]["num_draft_tokens"]
+    # A draft that is always or never right cannot tell two conventions apart.
+    assert 0.2 < rate < 0.9, f"the parity draft must be partly right; acceptance rate {rate:.2f}"
+    sim = simulate_greedy(toy["target"], toy["draft"], PARITY_PROMPT, MAX_TOKENS, k)
+    assert sim["output"] == measured["outputs"][0]
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
+        assert sim[key] == measured["spec"][key], key
+
+
+def test_parity_tells_position_conventions_apart(engines, toy, monkeypatch):
+    """The parity test is only worth something if a wrong convention fails it: query at the state's position."""
+    monkeypatch.setattr(block, "QUERY_POSITION_OFFSET", 0)
+    wrong = [simulate_greedy(toy["target"], toy["draft"], PARITY_PROMPT, MAX_TOKENS, k)["num_accepted_tokens"]
+             for k in KS]
+    measured = [engines[f"k{k}"]["calls"][0]["spec"]["num_accepted_tokens"] for k in KS]
+    assert wrong != measured
+
+
+def test_eagle3_variant_loads_through_entry_point_in_fresh_processes(toy, tmp_path):
+    """Default multiprocess mode: the engine core is a spawned process, the registry is inspected in another."""
+    prompts = {"prompts": PROMPTS[:2], "max_tokens": 16}
+    results = run_vllm(toy["target_dir"], [
+        {"name": "plain", "spec": None, "calls": [prompts]},
+        {"name": "eagle3", "spec": spec(toy["draft3_dir"], 3, "eagle3"), "calls": [prompts]},
+    ], tmp_path, multiprocess=True)
+    drafted = results["eagle3"]["calls"][0]
+    assert drafted["outputs"] == results["plain"]["calls"][0]["outputs"]
+    assert drafted["spec"]["num_drafts"] > 0 and drafted["spec"]["num_accepted_tokens"] > 0
+
+
+def _nan_copy(src, dst):
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    tensors["o_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+def test_vllm_refuses_bad_checkpoints_with_named_errors(toy, tmp_path):
+    nan_dir = _nan_copy(toy["draft_dir"], str(tmp_path / "beagle-nan"))
+    # A folder name without "eagle-" or "eagle3": with no method vLLM picks "draft_model".
+    plain_name = shutil.copytree(toy["draft_dir"], str(tmp_path / "mydraft"))
+    prompts = {"prompts": PROMPTS[:1], "max_tokens": 4}
+    results = run_vllm(toy["target_dir"], [
+        {"name": "nan", "spec": spec(nan_dir, 3), "calls": [prompts]},
+        {"name": "wrong_method", "spec": spec(toy["draft3_dir"], 3, "eagle"), "calls": [prompts]},
+        {"name": "no_method", "spec": {"model": plain_name, "num_speculative_tokens": 3}, "calls": [prompts]},
+    ], tmp_path)
+    assert "CheckpointError" in results["nan"]["error"]
+    assert nan_dir in results["nan"]["error"] and "'o_proj.weight' holds 1 NaN/Inf" in results["nan"]["error"]
+    assert toy["draft3_dir"] in results["wrong_method"]["error"]
+    assert "method is 'eagle'" in results["wrong_method"]["error"]
+    assert "method is 'draft_model'" in results["no_method"]["error"]
+    assert "--spec-method eagle" in results["no_method"]["error"]
+
