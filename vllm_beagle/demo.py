@@ -11,10 +11,12 @@ import os
 
 from .offline import generate, make_llm, shutdown
 
+# Plain completion prompts: the toy target has no chat skills, and its continuation depends mostly
+# on the last token, so the prompts end differently.
 PROMPTS = [
-    "What is speculative decoding?",
-    "Write a haiku about a small dog.",
-    "List three uses of a paperclip.",
+    "Hello, my name is",
+    "The capital of France is",
+    "Speculative decoding makes large language models",
 ]
 
 
@@ -42,8 +44,7 @@ def run_demo(cache: str, k: int, max_tokens: int) -> None:
 
     target, draft = ensure_toy_models(cache)
     tok = AutoTokenizer.from_pretrained(target)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=False) for p in PROMPTS]
+    prompts = [tok(p).input_ids for p in PROMPTS]
     results = {}
     for name, spec in (("plain", None),
                        ("beagle", {"method": "eagle", "model": draft, "num_speculative_tokens": k})):
