@@ -7,6 +7,8 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels run on CPU tensors through the interpreter; set TRITON_INTERPRET=0 on a GPU machine.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Prompts of different lengths, as token ids of the toy target's tokenizer (1 is BOS).

@@ -1,0 +1,142 @@
+"""Paged block cross-attention for the Beagle draft layer, and its PyTorch reference.
+
+Queries are the draft's rows (many per request in the first pass after verification, one per request
+in draft steps); keys and values are read from vLLM's paged cache through the block table, so both
+physical layouts (GPU token-major "NHD", CPU head-major "HND") work without copies: the kernel only
+sees strides. Row `i` of a request whose query chunk has `q_len` rows and whose context holds
+`seq_len` positions sits at position `p = seq_len - q_len + i` and sees keys `j <= p` (causal, Beagle's
+"concat" mode); with `kv_limit` it sees only keys `j < kv_limit[request]` as well (the paper's
+"no-concat" mode: true states only). Rows that belong to no request, and rows that see no key, get
+zeros. GQA with any ratio; fp32/fp16/bf16 storage with fp32 accumulation.
+
+Shapes: q [T, heads, D]; key_cache/value_cache [num_blocks, block_size, kv_heads, D] views (any
+strides); block_table [R, max_blocks] int32; query_start_loc [R + 1] int32; seq_lens [R] int32;
+kv_limit [R] int32 or None. Output [T, heads, D] in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dot_config
+
+
+@triton.jit
+def _paged_cross_attention_kernel(
+    q_ptr, o_ptr, k_ptr, v_ptr, block_table_ptr, row_request_ptr, query_start_ptr, seq_lens_ptr, kv_limit_ptr,
+    stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
+    stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_table, scale,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LIMIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    request = tl.load(row_request_ptr + row)
+    valid = request >= 0
+    request = tl.maximum(request, 0)
+    q_start = tl.load(query_start_ptr + request)
+    q_len = tl.load(query_start_ptr + request + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + request)
+    visible = seq_len - q_len + (row - q_start) + 1
+    if HAS_LIMIT:
+        visible = tl.minimum(visible, tl.load(kv_limit_ptr + request))
+    visible = tl.where(valid, visible, 0)
+
+    # The GROUP query heads that share this KV head, padded to BLOCK_M rows for tl.dot.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_m
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    q = (q * scale).to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, visible, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < visible
+        block = tl.load(block_table_ptr + request * stride_table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        slot = offs_n % PAGE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_ks + kv_head * stride_kh
+                    + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        # Upcast first: the interpreter computes wrongly on bf16.
+        s = tl.dot(q, tl.trans(k.to(tl.float32).to(DOT_DTYPE)), input_precision=PRECISION)
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vs + kv_head * stride_vh
+                    + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(tl.float32).to(DOT_DTYPE), input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def row_requests(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The request of every row, -1 for rows past the last request (padding)."""
+    rows = torch.arange(num_rows, device=query_start_loc.device, dtype=query_start_loc.dtype)
+    request = torch.searchsorted(query_start_loc[1:].contiguous(), rows, right=True).to(torch.int32)
+    return torch.where(rows < query_start_loc[-1], request, -1)
+
+
+def paged_cross_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                          block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                          kv_limit: torch.Tensor | None = None, scale: float | None = None,
+                          out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+    num_rows, num_heads, head_dim = q.shape
+    num_kv_heads, page = key_cache.shape[2], key_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q) if out is None else out
+    if num_rows == 0:
+        return out
+    dot_dtype, precision = dot_config(key_cache.dtype)
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = block_n or min(64, triton.next_power_of_2(page))
+    _paged_cross_attention_kernel[(num_rows, num_kv_heads)](
+        q, out, key_cache, value_cache, block_table, row_requests(query_start_loc, num_rows), query_start_loc,
+        seq_lens, kv_limit if kv_limit is not None else seq_lens,
+        *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), block_table.stride(0),
+        head_dim ** -0.5 if scale is None else scale,
+        GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=page, BLOCK_N=block_n, HAS_LIMIT=kv_limit is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+    )
+    return out
+
+
+def paged_cross_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                              kv_limit: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """The same contract in plain PyTorch, one request at a time, in float32."""
+    num_rows, num_heads, head_dim = q.shape
+    page, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    out = torch.zeros(num_rows, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    for r in range(len(seq_lens)):
+        start, end, seq_len = int(query_start_loc[r]), int(query_start_loc[r + 1]), int(seq_lens[r])
+        if end == start or seq_len == 0:
+            continue
+        positions = torch.arange(seq_len, device=q.device)
+        blocks = block_table[r, positions // page].long()
+        k = key_cache[blocks, positions % page].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        v = value_cache[blocks, positions % page].float().repeat_interleave(num_heads // num_kv_heads, dim=1)
+        row_pos = seq_len - (end - start) + torch.arange(end - start, device=q.device)
+        visible = positions[None, :] <= row_pos[:, None]
+        if kv_limit is not None:
+            visible &= positions[None, :] < int(kv_limit[r])
+        scores = torch.einsum("thd,shd->hts", q[start:end].float(), k) * scale
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[start:end] = torch.einsum("hts,shd->thd", probs, v)
+    return out.to(q.dtype)
