@@ -28,13 +28,14 @@ def _paged_cross_attention_kernel(
     q_ptr, o_ptr, k_ptr, v_ptr, block_table_ptr, row_request_ptr, query_start_ptr, seq_lens_ptr, kv_limit_ptr,
     stride_qt, stride_qh, stride_qd, stride_ot, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_table, scale,
+    stride_table, scale, split_keys, part_ptr, stat_ptr,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LIMIT: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPLITS: tl.constexpr,
 ):
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     request = tl.load(row_request_ptr + row)
     valid = request >= 0
     request = tl.maximum(request, 0)
@@ -59,9 +60,13 @@ def _paged_cross_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, visible, BLOCK_N):
+    # With SPLITS > 1 each program takes `split_keys` of the visible keys (flash-decoding), so that
+    # small batches with long contexts still fill the GPU; partial results are merged afterwards.
+    first = split * split_keys
+    last = tl.minimum(visible, first + split_keys)
+    for start in range(first, last, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < visible
+        n_mask = offs_n < last
         block = tl.load(block_table_ptr + request * stride_table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         slot = offs_n % PAGE
         kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -78,9 +83,18 @@ def _paged_cross_attention_kernel(
                     + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(tl.float32).to(DOT_DTYPE), input_precision=PRECISION)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    out_mask = m_mask[:, None] & d_mask[None, :]
+    if SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(o_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partials: [rows, heads, SPLITS, BLOCK_D] unnormalised sums and [rows, heads, SPLITS, 2] (max, sum).
+        tl.store(part_ptr + ((row * (GROUP * tl.num_programs(1)) + heads[:, None]) * SPLITS + split) * BLOCK_D
+                 + offs_d[None, :], acc, mask=out_mask)
+        stat = stat_ptr + ((row * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split) * 2
+        tl.store(stat, m_i, mask=m_mask)
+        tl.store(stat + 1, l_i, mask=m_mask)
 
 
 def row_requests(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -93,7 +107,10 @@ def row_requests(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
 def paged_cross_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                           block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                           kv_limit: torch.Tensor | None = None, scale: float | None = None,
-                          out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, max_seq_len: int | None = None,
+                          num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """See the module docstring. `max_seq_len` (an upper bound of seq_lens, known on the host) sizes the
+    key splits without a device sync; `num_splits` forces their number."""
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads, page = key_cache.shape[2], key_cache.shape[1]
     if num_heads % num_kv_heads:
@@ -104,15 +121,35 @@ def paged_cross_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
         return out
     dot_dtype, precision = dot_config(key_cache.dtype)
     block_d = triton.next_power_of_2(head_dim)
-    block_n = block_n or min(64, triton.next_power_of_2(page))
-    _paged_cross_attention_kernel[(num_rows, num_kv_heads)](
+    if num_splits is None:
+        num_splits = 1
+        if q.is_cuda:
+            max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+            wanted = triton.cdiv(2 * torch.cuda.get_device_properties(q.device).multi_processor_count,
+                                 num_rows * num_kv_heads)
+            num_splits = max(1, min(wanted, triton.cdiv(max_seq_len, 4 * block_n)))
+    if num_splits > 1:
+        max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+        split_keys = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+        part = torch.empty(num_rows, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+        stat = torch.empty(num_rows, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        split_keys, part, stat = 2**30, q, q  # unused
+    _paged_cross_attention_kernel[(num_rows, num_kv_heads, num_splits)](
         q, out, key_cache, value_cache, block_table, row_requests(query_start_loc, num_rows), query_start_loc,
         seq_lens, kv_limit if kv_limit is not None else seq_lens,
         *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(), block_table.stride(0),
-        head_dim ** -0.5 if scale is None else scale,
+        head_dim ** -0.5 if scale is None else scale, split_keys, part, stat,
         GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, BLOCK_N=block_n, HAS_LIMIT=kv_limit is not None, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        SPLITS=num_splits,
     )
+    if num_splits > 1:
+        m, l = stat[..., 0], stat[..., 1]
+        weight = torch.exp(m - m.amax(-1, keepdim=True)).nan_to_num(0.0)  # rows that see no key: all -inf
+        total = (l * weight).sum(-1, keepdim=True)
+        merged = (part[..., :head_dim] * weight[..., None]).sum(-2) / torch.where(total > 0, total, 1.0)
+        out.copy_(merged)
     return out
 
 

@@ -25,7 +25,7 @@ def seeded(*case):
     return torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
 
 
-def make_cache(num_blocks, kv_heads, head_dim, dtype, layout):
+def make_cache(num_blocks, kv_heads, head_dim, dtype, layout, device=DEVICE):
     """K and V views of one vLLM-style cache, [blocks, page, kv_heads, D], poisoned with NaN.
 
     vLLM's logical per-layer cache is [blocks, kv_heads, page, 2 * D] (K then V in the last dim);
@@ -33,13 +33,13 @@ def make_cache(num_blocks, kv_heads, head_dim, dtype, layout):
     """
     if layout == "NHD":
         logical = torch.full((num_blocks, PAGE, kv_heads, 2 * head_dim), float("nan"), dtype=dtype,
-                             device=DEVICE).permute(0, 2, 1, 3)
+                             device=device).permute(0, 2, 1, 3)
     else:
-        logical = torch.full((num_blocks, kv_heads, PAGE, 2 * head_dim), float("nan"), dtype=dtype, device=DEVICE)
+        logical = torch.full((num_blocks, kv_heads, PAGE, 2 * head_dim), float("nan"), dtype=dtype, device=device)
     return logical[..., :head_dim].transpose(1, 2), logical[..., head_dim:].transpose(1, 2)
 
 
-def batch(requests, extra_rows, gen):
+def batch(requests, extra_rows, gen, device=DEVICE):
     """Block table and metadata for requests given as (query rows, context length incl. those rows)."""
     pages = [-(-seq // PAGE) for _, seq in requests]
     num_blocks = sum(pages) + 3
@@ -53,7 +53,7 @@ def batch(requests, extra_rows, gen):
     query_start_loc = torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)]).int()
     seq_lens = torch.tensor([s for _, s in requests], dtype=torch.int32)
     num_rows = int(query_start_loc[-1]) + extra_rows
-    return num_blocks, table.to(DEVICE), query_start_loc.to(DEVICE), seq_lens.to(DEVICE), num_rows
+    return num_blocks, table.to(device), query_start_loc.to(device), seq_lens.to(device), num_rows
 
 
 # (query rows, context length): a one-token context, rows across page boundaries, a chunk that is
@@ -61,13 +61,8 @@ def batch(requests, extra_rows, gen):
 REQUESTS = [(1, 1), (3, 40), (5, 5), (0, 0), (1, 33), (2, 17)]
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("heads, kv_heads", GQA)
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("true_states_only", [False, True])
-def test_paged_cross_attention(layout, heads, kv_heads, head_dim, dtype, true_states_only):
-    gen = seeded(layout, heads, head_dim, dtype, true_states_only)
+def check_attention(layout, heads, kv_heads, head_dim, dtype, true_states_only, **kernel_args):
+    gen = seeded(layout, heads, head_dim, dtype, true_states_only, kernel_args)
     num_blocks, table, qsl, seq_lens, num_rows = batch(REQUESTS, extra_rows=2, gen=gen)
     key_cache, value_cache = make_cache(num_blocks, kv_heads, head_dim, dtype, layout)
     for r, (_, seq) in enumerate(REQUESTS):  # fill only the live slots: NaN anywhere else must stay unread
@@ -80,11 +75,28 @@ def test_paged_cross_attention(layout, heads, kv_heads, head_dim, dtype, true_st
     kv_limit = (seq_lens - (qsl[1:] - qsl[:-1])).int() if true_states_only else None
 
     out = torch.full_like(q, float("nan"))
-    paged_cross_attention(q, key_cache, value_cache, table, qsl, seq_lens, kv_limit=kv_limit, out=out)
+    paged_cross_attention(q, key_cache, value_cache, table, qsl, seq_lens, kv_limit=kv_limit, out=out, **kernel_args)
     expected = paged_cross_attention_ref(q, key_cache, value_cache, table, qsl, seq_lens, kv_limit=kv_limit)
     assert not out.isnan().any(), "every output element must be written"
     torch.testing.assert_close(out.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
     assert (out[qsl[-1]:] == 0).all(), "padding rows are zero"
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("heads, kv_heads", GQA)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("true_states_only", [False, True])
+def test_paged_cross_attention(layout, heads, kv_heads, head_dim, dtype, true_states_only):
+    check_attention(layout, heads, kv_heads, head_dim, dtype, true_states_only)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("heads, kv_heads", GQA)
+@pytest.mark.parametrize("true_states_only", [False, True])
+def test_paged_cross_attention_split_keys(layout, heads, kv_heads, true_states_only):
+    """Keys in 16-key splits over 3 programs per row, merged: some splits see nothing, some rows see no key."""
+    check_attention(layout, heads, kv_heads, 64, torch.float32, true_states_only, num_splits=3, block_n=16)
 
 
 def test_reference_matches_dense_attention_of_the_block():
@@ -92,8 +104,8 @@ def test_reference_matches_dense_attention_of_the_block():
     from vllm_beagle.block import masked_attention
 
     gen = torch.Generator().manual_seed(0)
-    num_blocks, table, qsl, seq_lens, num_rows = batch([(4, 37)], extra_rows=0, gen=gen)
-    key_cache, value_cache = make_cache(num_blocks, 2, 64, torch.float32, "HND")
+    num_blocks, table, qsl, seq_lens, num_rows = batch([(4, 37)], extra_rows=0, gen=gen, device="cpu")
+    key_cache, value_cache = make_cache(num_blocks, 2, 64, torch.float32, "HND", device="cpu")
     k, v = torch.randn(37, 2, 64, generator=gen), torch.randn(37, 2, 64, generator=gen)
     pos = torch.arange(37)
     key_cache[table[0, pos // PAGE].long(), pos % PAGE] = k
@@ -138,7 +150,7 @@ def test_state_to_cache_reference_is_the_blocks_keys_and_values(toy):
     gen = torch.Generator().manual_seed(1)
     states = torch.randn(9, block.cfg.hidden_size, generator=gen)
     positions = torch.arange(9) * 7
-    key_cache, value_cache = make_cache(2, block.num_kv_heads, block.head_dim, torch.float32, "HND")
+    key_cache, value_cache = make_cache(2, block.num_kv_heads, block.head_dim, torch.float32, "HND", device="cpu")
     slots = torch.arange(9) + 5
     write_states_to_cache_ref(states, block.state_norm.weight, block.state_norm.eps, block.k_proj.weight,
                               block.v_proj.weight, positions, block.rotary.inv_freq, slots, key_cache, value_cache,

@@ -1,0 +1,167 @@
+"""GPU timings of the Beagle kernels against their references and against stock attention.
+
+    python benchmarks/kernels.py [--quick] [--json FILE]
+
+For draft shapes (one query row per request, the draft steps; four rows, the first pass after a
+K = 3 verification) over batch and context sizes, with SmolLM2-135M and Llama-3-8B head layouts,
+bf16: median time of many runs after warm-up (CUDA events), and the bandwidth the kernel achieves
+reading K and V, next to the device's own copy bandwidth. Baselines: the PyTorch reference (small
+batches only: it loops over requests), vLLM's `unified_attention` and FlashAttention's
+`flash_attn_with_kvcache` where importable, and PyTorch SDPA over a contiguous (not paged) cache,
+which reads the same bytes without a block table. Without a GPU it says so and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels`
+# package: import from the repository root instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+LAYOUTS = {"SmolLM2-135M": (9, 3, 64, 576), "Llama-3-8B": (32, 8, 128, 4096)}  # heads, kv heads, D, hidden
+PAGE = 16
+MAX_CACHE_TOKENS = 4 * 1024 * 1024
+
+
+def timed(fn, warmup=5, runs=30) -> float:
+    """Median milliseconds of fn() measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (read + write)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / timed(lambda: dst.copy_(src)) / 1e6
+
+
+def attention_case(batch, context, rows, heads, kv_heads, dim, dtype=torch.bfloat16):
+    pages = -(-context // PAGE)
+    num_blocks = batch * pages
+    kv = torch.randn(num_blocks, PAGE, kv_heads, 2 * dim, dtype=dtype, device="cuda")  # GPU layout (NHD)
+    key_cache, value_cache = kv[..., :dim], kv[..., dim:]
+    table = torch.randperm(num_blocks, device="cuda").int().view(batch, pages)
+    qsl = torch.arange(0, (batch + 1) * rows, rows, dtype=torch.int32, device="cuda")
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch * rows, heads, dim, dtype=dtype, device="cuda")
+    return q, key_cache, value_cache, table, qsl, seq_lens
+
+
+def bench_attention(quick: bool) -> list[dict]:
+    from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
+
+    try:
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+    except ImportError:
+        unified_attention = None
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        flash_attn_with_kvcache = None
+
+    rows_out = []
+    batches = [1, 16, 256] if quick else [1, 4, 16, 64, 256]
+    contexts = [256, 4096, 32768] if quick else [256, 1024, 4096, 16384, 32768]
+    for model, (heads, kv_heads, dim, _) in LAYOUTS.items():
+        for rows in (1, 4):
+            for batch in batches:
+                for context in contexts:
+                    if batch * context > MAX_CACHE_TOKENS:
+                        continue
+                    q, kc, vc, table, qsl, seq_lens = attention_case(batch, context, rows, heads, kv_heads, dim)
+                    out = torch.empty_like(q)
+                    kv_bytes = 2 * batch * context * kv_heads * dim * q.element_size()
+                    row = {"model": model, "rows": rows, "batch": batch, "context": context,
+                           "triton_ms": timed(lambda: paged_cross_attention(q, kc, vc, table, qsl, seq_lens, out=out))}
+                    row["triton_GBps"] = kv_bytes / row["triton_ms"] / 1e6
+                    if batch <= 4:
+                        row["reference_ms"] = timed(
+                            lambda: paged_cross_attention_ref(q, kc, vc, table, qsl, seq_lens), warmup=1, runs=5)
+                    # The same bytes without paging: gathered once, contiguous [batch, kv_heads, context, D].
+                    pos = torch.arange(context, device="cuda")
+                    blocks = table[:, pos // PAGE].long()
+                    kd = kc[blocks, pos % PAGE].transpose(1, 2).contiguous()
+                    vd = vc[blocks, pos % PAGE].transpose(1, 2).contiguous()
+                    qd = q.view(batch, rows, heads, dim).transpose(1, 2)
+                    mask = (pos[None, :] <= (context - rows + torch.arange(rows, device="cuda"))[:, None])
+                    row["sdpa_dense_ms"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+                        qd, kd, vd, attn_mask=mask, enable_gqa=True))
+                    del kd, vd
+                    if flash_attn_with_kvcache is not None:
+                        fa_table = table.contiguous()
+                        row["flash_attn_ms"] = timed(lambda: flash_attn_with_kvcache(
+                            q.view(batch, rows, heads, dim), kc, vc, cache_seqlens=seq_lens, block_table=fa_table,
+                            causal=True))
+                    if unified_attention is not None:
+                        row["vllm_unified_ms"] = timed(lambda: unified_attention(
+                            q=q, k=kc, v=vc, out=out, cu_seqlens_q=qsl, max_seqlen_q=rows, seqused_k=seq_lens,
+                            max_seqlen_k=context, softmax_scale=dim ** -0.5, causal=True, window_size=(-1, -1),
+                            block_table=table, softcap=0, q_descale=None, k_descale=None, v_descale=None))
+                    rows_out.append(row)
+                    print(json.dumps(row), flush=True)
+                    del q, kc, vc, out
+                    torch.cuda.empty_cache()
+    return rows_out
+
+
+def bench_write(quick: bool) -> list[dict]:
+    from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
+
+    rows_out = []
+    for model, (heads, kv_heads, dim, hidden) in LAYOUTS.items():
+        for tokens in ([1, 64, 1024] if quick else [1, 16, 64, 256, 1024, 4096]):
+            dtype = torch.bfloat16
+            states = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+            norm = torch.ones(hidden, dtype=dtype, device="cuda")
+            wk = torch.randn(kv_heads * dim, hidden, dtype=dtype, device="cuda") / hidden ** 0.5
+            wv = torch.randn_like(wk)
+            positions = torch.arange(tokens, device="cuda")
+            inv_freq = 1.0 / 10000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim)
+            slots = torch.arange(tokens, device="cuda")
+            kv = torch.empty(-(-tokens // PAGE), PAGE, kv_heads, 2 * dim, dtype=dtype, device="cuda")
+            args = (states, norm, 1e-5, wk, wv, positions, inv_freq, slots, kv[..., :dim], kv[..., dim:])
+            row = {"model": model, "tokens": tokens, "fused_ms": timed(lambda: write_states_to_cache(*args)),
+                   "reference_ms": timed(lambda: write_states_to_cache_ref(*args))}
+            rows_out.append(row)
+            print(json.dumps(row), flush=True)
+    return rows_out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no GPU here; kernel timings need one (the CPU runs Triton only interpreted)")
+        return 0
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "copy_GBps": copy_bandwidth()}
+    print(json.dumps(result), flush=True)
+    result["attention"] = bench_attention(args.quick)
+    result["state_to_cache"] = bench_write(args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
