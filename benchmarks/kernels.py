@@ -4,7 +4,8 @@
 
 For draft shapes (one query row per request, the draft steps; four rows, the first pass after a
 K = 3 verification) over batch and context sizes, with SmolLM2-135M and Llama-3-8B head layouts,
-bf16: median time of many runs after warm-up (CUDA events), and the bandwidth the kernel achieves
+bf16: median time of many runs after warm-up (CUDA events), launched from Python and replayed from a
+CUDA graph (as vLLM runs decode steps; small shapes are launch-bound otherwise), and the bandwidth the kernel achieves
 reading K and V, next to the device's own copy bandwidth. Baselines: the PyTorch reference (small
 batches only: it loops over requests), vLLM's `unified_attention` and FlashAttention's
 `flash_attn_with_kvcache` where importable, and PyTorch SDPA over a contiguous (not paged) cache,
@@ -43,6 +44,19 @@ def timed(fn, warmup=5, runs=30) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graphed(fn):
+    """fn captured in a CUDA graph, as vLLM runs decode steps: times without Python launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def copy_bandwidth() -> float:
@@ -88,9 +102,11 @@ def bench_attention(quick: bool) -> list[dict]:
                     q, kc, vc, table, qsl, seq_lens = attention_case(batch, context, rows, heads, kv_heads, dim)
                     out = torch.empty_like(q)
                     kv_bytes = 2 * batch * context * kv_heads * dim * q.element_size()
+                    triton_fn = lambda: paged_cross_attention(q, kc, vc, table, qsl, seq_lens, out=out,  # noqa: E731
+                                                              max_seq_len=context)
                     row = {"model": model, "rows": rows, "batch": batch, "context": context,
-                           "triton_ms": timed(lambda: paged_cross_attention(q, kc, vc, table, qsl, seq_lens, out=out))}
-                    row["triton_GBps"] = kv_bytes / row["triton_ms"] / 1e6
+                           "triton_ms": timed(triton_fn), "triton_graph_ms": timed(graphed(triton_fn))}
+                    row["triton_graph_GBps"] = kv_bytes / row["triton_graph_ms"] / 1e6
                     if batch <= 4:
                         row["reference_ms"] = timed(
                             lambda: paged_cross_attention_ref(q, kc, vc, table, qsl, seq_lens), warmup=1, runs=5)
@@ -101,8 +117,10 @@ def bench_attention(quick: bool) -> list[dict]:
                     vd = vc[blocks, pos % PAGE].transpose(1, 2).contiguous()
                     qd = q.view(batch, rows, heads, dim).transpose(1, 2)
                     mask = (pos[None, :] <= (context - rows + torch.arange(rows, device="cuda"))[:, None])
-                    row["sdpa_dense_ms"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        qd, kd, vd, attn_mask=mask, enable_gqa=True))
+                    sdpa_fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                        qd, kd, vd, attn_mask=mask, enable_gqa=True)
+                    row["sdpa_dense_ms"] = timed(sdpa_fn)
+                    row["sdpa_dense_graph_ms"] = timed(graphed(sdpa_fn))
                     del kd, vd
                     if flash_attn_with_kvcache is not None:
                         fa_table = table.contiguous()
@@ -137,7 +155,8 @@ def bench_write(quick: bool) -> list[dict]:
             slots = torch.arange(tokens, device="cuda")
             kv = torch.empty(-(-tokens // PAGE), PAGE, kv_heads, 2 * dim, dtype=dtype, device="cuda")
             args = (states, norm, 1e-5, wk, wv, positions, inv_freq, slots, kv[..., :dim], kv[..., dim:])
-            row = {"model": model, "tokens": tokens, "fused_ms": timed(lambda: write_states_to_cache(*args)),
+            fused = lambda: write_states_to_cache(*args)  # noqa: E731
+            row = {"model": model, "tokens": tokens, "fused_ms": timed(fused), "fused_graph_ms": timed(graphed(fused)),
                    "reference_ms": timed(lambda: write_states_to_cache_ref(*args))}
             rows_out.append(row)
             print(json.dumps(row), flush=True)

@@ -16,6 +16,8 @@ kv_limit [R] int32 or None. Output [T, heads, D] in q's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -97,6 +99,11 @@ def _paged_cross_attention_kernel(
         tl.store(stat + 1, l_i, mask=m_mask)
 
 
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def row_requests(query_start_loc: torch.Tensor, num_rows: int) -> torch.Tensor:
     """The request of every row, -1 for rows past the last request (padding)."""
     rows = torch.arange(num_rows, device=query_start_loc.device, dtype=query_start_loc.dtype)
@@ -125,8 +132,7 @@ def paged_cross_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
         num_splits = 1
         if q.is_cuda:
             max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
-            wanted = triton.cdiv(2 * torch.cuda.get_device_properties(q.device).multi_processor_count,
-                                 num_rows * num_kv_heads)
+            wanted = triton.cdiv(2 * _multiprocessors(q.device), num_rows * num_kv_heads)
             num_splits = max(1, min(wanted, triton.cdiv(max_seq_len, 4 * block_n)))
     if num_splits > 1:
         max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
