@@ -49,15 +49,18 @@ def toy(tmp_path_factory):
         "draft_dir": str(root / "beagle-draft"),
         "draft3": build_draft(target, str(root / "beagle3-draft"), state_layer=layers),
         "draft3_dir": str(root / "beagle3-draft"),
+        "draft_ts": build_draft(target, str(root / "beagle-true-states"), kv_mode="true_states"),
+        "draft_ts_dir": str(root / "beagle-true-states"),
     }
 
 
-def run_vllm(target: str, runs: list[dict], tmp_dir, multiprocess: bool = False, timeout: int = 900) -> dict:
+def run_vllm(target: str, runs: list[dict], tmp_dir, multiprocess: bool = False, timeout: int = 900,
+             env: dict | None = None) -> dict:
     """Run engines in a fresh Python process (see vllm_worker.py) and return their results."""
     job, out = os.path.join(tmp_dir, "job.json"), os.path.join(tmp_dir, "out.json")
     with open(job, "w") as f:
         json.dump({"target": target, "runs": runs}, f)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", **(env or {}))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "vllm_worker.py"), job, out], env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"vLLM worker failed:\n{proc.stderr[-6000:]}"
@@ -67,7 +70,7 @@ def run_vllm(target: str, runs: list[dict], tmp_dir, multiprocess: bool = False,
 
 @pytest.fixture(scope="session")
 def engines(toy, tmp_path_factory):
-    """One worker process: plain decoding, then the eagle variant at K = 1, 3, 5.
+    """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, and a true-states draft at K = 3.
 
     The parity request runs alone first on each drafting engine, so that its counters are its own.
     """
@@ -75,4 +78,5 @@ def engines(toy, tmp_path_factory):
     parity = {"prompts": [PARITY_PROMPT], "max_tokens": MAX_TOKENS}
     runs = [{"name": "plain", "spec": None, "calls": [batch, parity]}]
     runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch]} for k in KS]
+    runs.append({"name": "true_states", "spec": spec(toy["draft_ts_dir"], 3), "calls": [parity, batch]})
     return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))

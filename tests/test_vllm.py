@@ -25,17 +25,20 @@ def test_greedy_output_is_lossless(engines, k):
     assert len(counters["accepted_per_pos"]) == k
 
 
-@pytest.mark.parametrize("k", KS)
-def test_reference_simulator_predicts_vllm_acceptance(engines, toy, k):
-    measured = engines[f"k{k}"]["calls"][0]
+def assert_simulator_predicts(engines, measured, draft, target, k):
     assert measured["outputs"][0] == engines["plain"]["calls"][1]["outputs"][0]
     rate = measured["spec"]["num_accepted_tokens"] / measured["spec"]["num_draft_tokens"]
     # A draft that is always or never right cannot tell two conventions apart.
     assert 0.2 < rate < 0.9, f"the parity draft must be partly right; acceptance rate {rate:.2f}"
-    sim = simulate_greedy(toy["target"], toy["draft"], PARITY_PROMPT, MAX_TOKENS, k)
+    sim = simulate_greedy(target, draft, PARITY_PROMPT, MAX_TOKENS, k)
     assert sim["output"] == measured["outputs"][0]
     for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
         assert sim[key] == measured["spec"][key], key
+
+
+@pytest.mark.parametrize("k", KS)
+def test_reference_simulator_predicts_vllm_acceptance(engines, toy, k):
+    assert_simulator_predicts(engines, engines[f"k{k}"]["calls"][0], toy["draft"], toy["target"], k)
 
 
 def test_parity_tells_position_conventions_apart(engines, toy, monkeypatch):
@@ -45,6 +48,24 @@ def test_parity_tells_position_conventions_apart(engines, toy, monkeypatch):
              for k in KS]
     measured = [engines[f"k{k}"]["calls"][0]["spec"]["num_accepted_tokens"] for k in KS]
     assert wrong != measured
+
+
+def test_true_states_mode_is_lossless_and_matches_the_simulator(engines, toy):
+    """kv_mode true_states runs on the plugin's own attention backend (PyTorch reference on CPU)."""
+    drafted = engines["true_states"]["calls"][1]
+    assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
+    assert drafted["spec"]["num_drafts"] > 0
+    assert_simulator_predicts(engines, engines["true_states"]["calls"][0], toy["draft_ts"], toy["target"], 3)
+
+
+def test_true_states_mode_runs_the_triton_kernel_inside_vllm(engines, toy, tmp_path):
+    """BEAGLE_FORCE_TRITON=1: the paged cross-attention kernel, interpreted, inside vLLM's CPU worker."""
+    results = run_vllm(toy["target_dir"], [
+        {"name": "triton", "spec": spec(toy["draft_ts_dir"], 3),
+         "calls": [{"prompts": [PARITY_PROMPT], "max_tokens": MAX_TOKENS}]},
+    ], tmp_path, env={"BEAGLE_FORCE_TRITON": "1", "TRITON_INTERPRET": "1"})
+    assert results["triton"]["calls"][0]["outputs"] == engines["true_states"]["calls"][0]["outputs"]
+    assert results["triton"]["calls"][0]["spec"] == engines["true_states"]["calls"][0]["spec"]
 
 
 def test_eagle3_variant_loads_through_entry_point_in_fresh_processes(toy, engines, tmp_path):

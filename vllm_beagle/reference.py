@@ -64,20 +64,22 @@ class ReferenceDraft(nn.Module):
 
     @torch.no_grad()
     def draft_chain(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> list[int]:
-        """Greedy chain drafting as vLLM does it (concat mode).
+        """Greedy chain drafting as vLLM does it.
 
         tokens: t_0..t_n, the sequence so far including the newest token; states: the true states
-        h_0..h_{n-1}. Returns k draft tokens for positions n+1..n+k. Each step feeds back its own ĥ
-        as the state of the next row.
+        h_0..h_{n-1}. Returns k draft tokens for positions n+1..n+k. Each step's row sits one position
+        further on; in concat mode its key/value set also gains the ĥ the previous step predicted, in
+        true_states mode it keeps the true states only.
         """
         n = states.shape[0]
         positions = torch.arange(n)
         predicted = self(tokens[1:n + 1], positions, states, positions)[-1]
         drafts = [int(self.logits(predicted).argmax())]
         for step in range(1, k):
-            states = torch.cat([states, predicted[None]])
+            if self.cfg.kv_mode == "concat":
+                states = torch.cat([states, predicted[None]])
             row = torch.tensor([n - 1 + step])
-            predicted = self(torch.tensor([drafts[-1]]), row, states, torch.arange(n + step))[-1]
+            predicted = self(torch.tensor([drafts[-1]]), row, states, torch.arange(len(states)))[-1]
             drafts.append(int(self.logits(predicted).argmax()))
         return drafts
 

@@ -27,7 +27,9 @@ ARCH_BY_STATE = {
     STATE_LAYER: "Eagle3BeagleLlamaForCausalLM",
 }
 METHOD_BY_STATE = {STATE_FINAL_NORM: "eagle", STATE_LAYER: "eagle3"}
-KV_MODES = ("concat",)
+# concat: draft steps also attend to the states the draft predicted in earlier steps (the paper's
+# default); true_states: they attend to the target's true states only (the paper's no-concat mode).
+KV_MODES = ("concat", "true_states")
 
 
 class CheckpointError(ValueError):

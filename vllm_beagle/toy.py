@@ -54,13 +54,15 @@ def build_target(out: str, seed: int = 0, hidden: int = 128, layers: int = 2, he
 
 
 def build_draft(target, out: str | None = None, seed: int = 0, state_layer: int | None = None,
-                attn_std: float = 0.3, out_std: float = 0.004, mlp_std: float = 0.02) -> ReferenceDraft:
+                kv_mode: str = "concat", attn_std: float = 0.3, out_std: float = 0.004,
+                mlp_std: float = 0.02) -> ReferenceDraft:
     """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
 
     `state_layer` None reads the final post-norm state (method eagle), an int reads that aux layer
     (method eagle3). Saved to `out` when given.
     """
     beagle = {"state": STATE_FINAL_NORM} if state_layer is None else {"state": STATE_LAYER, "state_layer": state_layer}
+    beagle["kv_mode"] = kv_mode
     cfg = BeagleConfig.from_target(target.config.to_dict(), **beagle)
     draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     gen = torch.Generator().manual_seed(seed)

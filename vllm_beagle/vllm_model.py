@@ -24,6 +24,7 @@ from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.transformers_utils.configs.eagle import EAGLEConfig
 
+from .attention import BeagleAttentionBackend
 from .block import BeagleBlock
 from .checkpoint import check_tensors, load_checkpoint
 from .schema import BeagleConfig, CheckpointError, check_against_target
@@ -65,9 +66,11 @@ class BeagleDraftModel(nn.Module):
                                                    prefix=f"{prefix}.embed_tokens")
         self.block = BeagleBlock(cfg)
         # Named as a layer after the target's so that it gets its own KV cache in the target's group.
+        # Concat mode is plain causal attention, which vLLM's own backends do best.
         self.attn = Attention(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim ** -0.5,
                               num_kv_heads=cfg.num_key_value_heads, cache_config=vllm_config.cache_config,
-                              prefix=f"{prefix}.layers.{start_layer_id}.self_attn.attn")
+                              prefix=f"{prefix}.layers.{start_layer_id}.self_attn.attn",
+                              attn_backend=BeagleAttentionBackend if cfg.kv_mode == "true_states" else None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

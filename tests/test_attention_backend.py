@@ -1,0 +1,55 @@
+"""The plugin's vLLM attention backend (kv_mode true_states), outside an engine: its visibility rule
+per draft step, and its cache writes and reads against dense attention, in both physical layouts."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_beagle.attention import BeagleAttentionImpl, BeagleAttentionMetadataBuilder
+from vllm_beagle.block import masked_attention
+
+PAGE, KV_HEADS, HEADS, D = 32, 2, 4, 32
+
+
+def common_metadata(q_lens, seq_lens):
+    qsl = torch.tensor([0] + q_lens).cumsum(0).int()
+    pages = -(-max(seq_lens) // PAGE)
+    return SimpleNamespace(num_actual_tokens=int(qsl[-1]), query_start_loc=qsl,
+                           seq_lens=torch.tensor(seq_lens, dtype=torch.int32), max_seq_len=max(seq_lens),
+                           block_table_tensor=torch.arange(len(q_lens) * pages, dtype=torch.int32).view(-1, pages))
+
+
+def build(cad, draft_index):
+    builder = BeagleAttentionMetadataBuilder.__new__(BeagleAttentionMetadataBuilder)
+    return builder.build_for_drafting(cad, draft_index) if draft_index else builder.build(0, cad)
+
+
+def test_draft_steps_see_true_states_only():
+    cad = common_metadata([1, 1], [40, 9])
+    assert build(cad, 0).kv_limit is None  # first pass: every key is a true state
+    assert build(cad, 1).kv_limit.tolist() == [39, 8]
+    assert build(cad, 3).kv_limit.tolist() == [37, 6]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("draft_index", [0, 2])
+def test_writes_then_attends_like_dense_attention(layout, draft_index):
+    gen = torch.Generator().manual_seed(draft_index)
+    seq = 45
+    cad = common_metadata([seq], [seq])  # one request, prefilled from empty: keys are its own rows
+    if layout == "NHD":
+        kv_cache = torch.zeros(2, PAGE, KV_HEADS, 2 * D).permute(0, 2, 1, 3)
+    else:
+        kv_cache = torch.zeros(2, KV_HEADS, PAGE, 2 * D)
+    impl = BeagleAttentionImpl(HEADS, D, D ** -0.5, KV_HEADS)
+    q = torch.randn(seq, HEADS, D, generator=gen)
+    k, v = torch.randn(seq, KV_HEADS, D, generator=gen), torch.randn(seq, KV_HEADS, D, generator=gen)
+    slots = torch.arange(seq)
+    impl.do_kv_cache_update(None, k, v, kv_cache, slots)
+    out = impl.forward(None, q, k, v, kv_cache, build(cad, draft_index), torch.full_like(q, float("nan")))
+    pos = torch.arange(seq)
+    visible = pos[None, :] <= pos[:, None]
+    if draft_index:
+        visible &= pos[None, :] < seq - draft_index
+    torch.testing.assert_close(out.flatten(-2), masked_attention(q, k, v, visible))
