@@ -128,10 +128,15 @@ def bench_attention(quick: bool) -> list[dict]:
                             q.view(batch, rows, heads, dim), kc, vc, cache_seqlens=seq_lens, block_table=fa_table,
                             causal=True))
                     if unified_attention is not None:
-                        row["vllm_unified_ms"] = timed(lambda: unified_attention(
-                            q=q, k=kc, v=vc, out=out, cu_seqlens_q=qsl, max_seqlen_q=rows, seqused_k=seq_lens,
+                        vllm_out = torch.empty_like(q)
+                        vllm_fn = lambda: unified_attention(  # noqa: E731
+                            q=q, k=kc, v=vc, out=vllm_out, cu_seqlens_q=qsl, max_seqlen_q=rows, seqused_k=seq_lens,
                             max_seqlen_k=context, softmax_scale=dim ** -0.5, causal=True, window_size=(-1, -1),
-                            block_table=table, softcap=0, q_descale=None, k_descale=None, v_descale=None))
+                            block_table=table, softcap=0, q_descale=None, k_descale=None, v_descale=None)
+                        row["vllm_unified_ms"] = timed(vllm_fn)
+                        row["vllm_unified_graph_ms"] = timed(graphed(vllm_fn))
+                        triton_fn()
+                        row["max_abs_diff_vs_vllm"] = (out.float() - vllm_out.float()).abs().max().item()
                     rows_out.append(row)
                     print(json.dumps(row), flush=True)
                     del q, kc, vc, out

@@ -57,8 +57,9 @@ def batch(requests, extra_rows, gen, device=DEVICE):
 
 
 # (query rows, context length): a one-token context, rows across page boundaries, a chunk that is
-# its whole context (prefill), an empty padded request, single decode rows.
-REQUESTS = [(1, 1), (3, 40), (5, 5), (0, 0), (1, 33), (2, 17)]
+# its whole context (prefill), an empty padded request, single decode rows, a chunk longer than one
+# row tile of the kernel.
+REQUESTS = [(1, 1), (3, 40), (5, 5), (0, 0), (1, 33), (2, 17), (19, 50)]
 
 
 def check_attention(layout, heads, kv_heads, head_dim, dtype, true_states_only, **kernel_args):
