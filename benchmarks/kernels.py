@@ -103,7 +103,7 @@ def bench_attention(quick: bool) -> list[dict]:
                     out = torch.empty_like(q)
                     kv_bytes = 2 * batch * context * kv_heads * dim * q.element_size()
                     triton_fn = lambda: paged_cross_attention(q, kc, vc, table, qsl, seq_lens, out=out,  # noqa: E731
-                                                              max_seq_len=context)
+                                                              max_seq_len=context, max_query_len=rows)
                     row = {"model": model, "rows": rows, "batch": batch, "context": context,
                            "triton_ms": timed(triton_fn), "triton_graph_ms": timed(graphed(triton_fn))}
                     row["triton_graph_GBps"] = kv_bytes / row["triton_graph_ms"] / 1e6
@@ -168,11 +168,37 @@ def bench_write(quick: bool) -> list[dict]:
     return rows_out
 
 
+def markdown(result: dict) -> str:
+    """The results as the tables the README and closing notes carry."""
+    lines = [f"{result['device']}, torch {result['torch']}, bf16, token-major paged cache (page {PAGE}); "
+             f"device copy bandwidth {result['copy_GBps']:.0f} GB/s", "",
+             "| heads layout | rows/req | batch | context | Triton eager / graph ms | Triton GB/s (graph) "
+             "| vLLM unified_attention eager / graph ms | max abs diff vs vLLM | SDPA dense eager / graph ms "
+             "| reference ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for a in result["attention"]:
+        vllm = (f"{a['vllm_unified_ms']:.3f} / {a['vllm_unified_graph_ms']:.3f} | {a['max_abs_diff_vs_vllm']:.1e}"
+                if "vllm_unified_ms" in a else "- | -")
+        ref = f"{a['reference_ms']:.3f}" if "reference_ms" in a else "-"
+        lines.append(f"| {a['model']} | {a['rows']} | {a['batch']} | {a['context']} | {a['triton_ms']:.3f} / "
+                     f"{a['triton_graph_ms']:.3f} | {a['triton_graph_GBps']:.0f} | {vllm} | "
+                     f"{a['sdpa_dense_ms']:.3f} / {a['sdpa_dense_graph_ms']:.3f} | {ref} |")
+    lines += ["", "| heads layout | rows | fused write eager / graph ms | reference ms |", "|---|---|---|---|"]
+    for w in result["state_to_cache"]:
+        lines.append(f"| {w['model']} | {w['tokens']} | {w['fused_ms']:.3f} / {w['fused_graph_ms']:.3f} | "
+                     f"{w['reference_ms']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--table", metavar="RESULTS_JSON", help="print the tables of an earlier run and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(markdown(json.load(f)))
+        return 0
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no GPU here; kernel timings need one (the CPU runs Triton only interpreted)")
         return 0
@@ -184,6 +210,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    print(markdown(result))
     return 0
 
 

@@ -17,6 +17,7 @@ def common_metadata(q_lens, seq_lens):
     pages = -(-max(seq_lens) // PAGE)
     return SimpleNamespace(num_actual_tokens=int(qsl[-1]), query_start_loc=qsl,
                            seq_lens=torch.tensor(seq_lens, dtype=torch.int32), max_seq_len=max(seq_lens),
+                           max_query_len=max(q_lens),
                            block_table_tensor=torch.arange(len(q_lens) * pages, dtype=torch.int32).view(-1, pages))
 
 

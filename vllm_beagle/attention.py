@@ -48,6 +48,7 @@ class BeagleAttentionMetadata:
     query_start_loc: torch.Tensor
     seq_lens: torch.Tensor
     max_seq_len: int
+    max_query_len: int
     block_table: torch.Tensor
     # Keys at or past this index are the draft's own predictions; None before any draft step.
     kv_limit: torch.Tensor | None
@@ -71,6 +72,7 @@ class BeagleAttentionMetadataBuilder(AttentionMetadataBuilder[BeagleAttentionMet
             query_start_loc=cad.query_start_loc,
             seq_lens=cad.seq_lens,
             max_seq_len=cad.max_seq_len,
+            max_query_len=cad.max_query_len,
             block_table=cad.block_table_tensor,
             kv_limit=(cad.seq_lens - draft_index).to(torch.int32) if draft_index > 0 else None,
         )
@@ -96,7 +98,8 @@ class BeagleAttentionImpl(AttentionImpl[BeagleAttentionMetadata]):
         args = (query[:n], key_cache, value_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
                 attn_metadata.seq_lens, attn_metadata.kv_limit, self.scale)
         if use_triton(query.device):
-            paged_cross_attention(*args, out=output[:n], max_seq_len=attn_metadata.max_seq_len)
+            paged_cross_attention(*args, out=output[:n], max_seq_len=attn_metadata.max_seq_len,
+                                  max_query_len=attn_metadata.max_query_len)
         else:
             output[:n] = paged_cross_attention_ref(*args)
         return output
