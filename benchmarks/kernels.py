@@ -78,9 +78,54 @@ def attention_case(batch, context, rows, heads, kv_heads, dim, dtype=torch.bfloa
     return q, key_cache, value_cache, table, qsl, seq_lens
 
 
-def bench_attention(quick: bool) -> list[dict]:
+def attention_row(model, heads, kv_heads, dim, rows, batch, context, unified_attention, flash_attn_with_kvcache):
     from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
 
+    q, kc, vc, table, qsl, seq_lens = attention_case(batch, context, rows, heads, kv_heads, dim)
+    out = torch.empty_like(q)
+    kv_bytes = 2 * batch * context * kv_heads * dim * q.element_size()
+
+    def triton_fn():
+        paged_cross_attention(q, kc, vc, table, qsl, seq_lens, out=out, max_seq_len=context, max_query_len=rows)
+
+    row = {"model": model, "rows": rows, "batch": batch, "context": context,
+           "triton_ms": timed(triton_fn), "triton_graph_ms": timed(graphed(triton_fn))}
+    row["triton_graph_GBps"] = kv_bytes / row["triton_graph_ms"] / 1e6
+    if batch <= 4:
+        row["reference_ms"] = timed(lambda: paged_cross_attention_ref(q, kc, vc, table, qsl, seq_lens),
+                                    warmup=1, runs=5)
+    # The same bytes without paging: gathered once, contiguous [batch, kv_heads, context, D].
+    pos = torch.arange(context, device="cuda")
+    blocks = table[:, pos // PAGE].long()
+    kd = kc[blocks, pos % PAGE].transpose(1, 2).contiguous()
+    vd = vc[blocks, pos % PAGE].transpose(1, 2).contiguous()
+    qd = q.view(batch, rows, heads, dim).transpose(1, 2)
+    mask = pos[None, :] <= (context - rows + torch.arange(rows, device="cuda"))[:, None]
+
+    def sdpa_fn():
+        torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=True)
+
+    row["sdpa_dense_ms"] = timed(sdpa_fn)
+    row["sdpa_dense_graph_ms"] = timed(graphed(sdpa_fn))
+    if flash_attn_with_kvcache is not None:
+        row["flash_attn_ms"] = timed(lambda: flash_attn_with_kvcache(
+            q.view(batch, rows, heads, dim), kc, vc, cache_seqlens=seq_lens, block_table=table, causal=True))
+    if unified_attention is not None:
+        vllm_out = torch.empty_like(q)
+
+        def vllm_fn():
+            unified_attention(q=q, k=kc, v=vc, out=vllm_out, cu_seqlens_q=qsl, max_seqlen_q=rows, seqused_k=seq_lens,
+                              max_seqlen_k=context, softmax_scale=dim ** -0.5, causal=True, window_size=(-1, -1),
+                              block_table=table, softcap=0, q_descale=None, k_descale=None, v_descale=None)
+
+        row["vllm_unified_ms"] = timed(vllm_fn)
+        row["vllm_unified_graph_ms"] = timed(graphed(vllm_fn))
+        triton_fn()
+        row["max_abs_diff_vs_vllm"] = (out.float() - vllm_out.float()).abs().max().item()
+    return row
+
+
+def bench_attention(quick: bool) -> list[dict]:
     try:
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
     except ImportError:
@@ -90,7 +135,7 @@ def bench_attention(quick: bool) -> list[dict]:
     except ImportError:
         flash_attn_with_kvcache = None
 
-    rows_out = []
+    results = []
     batches = [1, 16, 256] if quick else [1, 4, 16, 64, 256]
     contexts = [256, 4096, 32768] if quick else [256, 1024, 4096, 16384, 32768]
     for model, (heads, kv_heads, dim, _) in LAYOUTS.items():
@@ -99,56 +144,19 @@ def bench_attention(quick: bool) -> list[dict]:
                 for context in contexts:
                     if batch * context > MAX_CACHE_TOKENS:
                         continue
-                    q, kc, vc, table, qsl, seq_lens = attention_case(batch, context, rows, heads, kv_heads, dim)
-                    out = torch.empty_like(q)
-                    kv_bytes = 2 * batch * context * kv_heads * dim * q.element_size()
-                    triton_fn = lambda: paged_cross_attention(q, kc, vc, table, qsl, seq_lens, out=out,  # noqa: E731
-                                                              max_seq_len=context, max_query_len=rows)
-                    row = {"model": model, "rows": rows, "batch": batch, "context": context,
-                           "triton_ms": timed(triton_fn), "triton_graph_ms": timed(graphed(triton_fn))}
-                    row["triton_graph_GBps"] = kv_bytes / row["triton_graph_ms"] / 1e6
-                    if batch <= 4:
-                        row["reference_ms"] = timed(
-                            lambda: paged_cross_attention_ref(q, kc, vc, table, qsl, seq_lens), warmup=1, runs=5)
-                    # The same bytes without paging: gathered once, contiguous [batch, kv_heads, context, D].
-                    pos = torch.arange(context, device="cuda")
-                    blocks = table[:, pos // PAGE].long()
-                    kd = kc[blocks, pos % PAGE].transpose(1, 2).contiguous()
-                    vd = vc[blocks, pos % PAGE].transpose(1, 2).contiguous()
-                    qd = q.view(batch, rows, heads, dim).transpose(1, 2)
-                    mask = (pos[None, :] <= (context - rows + torch.arange(rows, device="cuda"))[:, None])
-                    sdpa_fn = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-                        qd, kd, vd, attn_mask=mask, enable_gqa=True)
-                    row["sdpa_dense_ms"] = timed(sdpa_fn)
-                    row["sdpa_dense_graph_ms"] = timed(graphed(sdpa_fn))
-                    del kd, vd
-                    if flash_attn_with_kvcache is not None:
-                        fa_table = table.contiguous()
-                        row["flash_attn_ms"] = timed(lambda: flash_attn_with_kvcache(
-                            q.view(batch, rows, heads, dim), kc, vc, cache_seqlens=seq_lens, block_table=fa_table,
-                            causal=True))
-                    if unified_attention is not None:
-                        vllm_out = torch.empty_like(q)
-                        vllm_fn = lambda: unified_attention(  # noqa: E731
-                            q=q, k=kc, v=vc, out=vllm_out, cu_seqlens_q=qsl, max_seqlen_q=rows, seqused_k=seq_lens,
-                            max_seqlen_k=context, softmax_scale=dim ** -0.5, causal=True, window_size=(-1, -1),
-                            block_table=table, softcap=0, q_descale=None, k_descale=None, v_descale=None)
-                        row["vllm_unified_ms"] = timed(vllm_fn)
-                        row["vllm_unified_graph_ms"] = timed(graphed(vllm_fn))
-                        triton_fn()
-                        row["max_abs_diff_vs_vllm"] = (out.float() - vllm_out.float()).abs().max().item()
-                    rows_out.append(row)
+                    row = attention_row(model, heads, kv_heads, dim, rows, batch, context, unified_attention,
+                                        flash_attn_with_kvcache)
+                    results.append(row)
                     print(json.dumps(row), flush=True)
-                    del q, kc, vc, out
                     torch.cuda.empty_cache()
-    return rows_out
+    return results
 
 
 def bench_write(quick: bool) -> list[dict]:
     from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
 
     rows_out = []
-    for model, (heads, kv_heads, dim, hidden) in LAYOUTS.items():
+    for model, (_, kv_heads, dim, hidden) in LAYOUTS.items():
         for tokens in ([1, 64, 1024] if quick else [1, 16, 64, 256, 1024, 4096]):
             dtype = torch.bfloat16
             states = torch.randn(tokens, hidden, dtype=dtype, device="cuda")

@@ -165,9 +165,10 @@ def paged_cross_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache:
         PRECISION=precision, SPLITS=num_splits,
     )
     if num_splits > 1:
-        m, l = stat[..., 0], stat[..., 1]
-        weight = torch.exp(m - m.amax(-1, keepdim=True)).nan_to_num(0.0)  # rows that see no key: all -inf
-        total = (l * weight).sum(-1, keepdim=True)
+        split_max, split_sum = stat[..., 0], stat[..., 1]
+        # Rows that see no key have -inf everywhere: their weights come out NaN, then 0.
+        weight = torch.exp(split_max - split_max.amax(-1, keepdim=True)).nan_to_num(0.0)
+        total = (split_sum * weight).sum(-1, keepdim=True)
         merged = (part[..., :head_dim] * weight[..., None]).sum(-2) / torch.where(total > 0, total, 1.0)
         out.copy_(merged)
     # Rows past the last request (padding) belong to no program.

@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The console script this environment installed.
+BEAGLE = os.path.join(os.path.dirname(sys.executable), "beagle")
 # Prompts of different lengths, as token ids of the toy target's tokenizer (1 is BOS).
 PROMPTS = [
     [1, 15043, 29892],

@@ -103,7 +103,8 @@ def test_refuses_a_state_layer_the_target_does_not_have(toy, tmp_path, target_cf
 @pytest.mark.parametrize("spoil, fragments", [
     (lambda t: t.pop("k_proj.weight"), ["lacks", "k_proj.weight"]),
     (lambda t: t.__setitem__("fc.weight", torch.zeros(4, 4)), ["unexpected", "fc.weight"]),
-    (lambda t: t.__setitem__("v_proj.weight", torch.zeros(64, 64)), ["'v_proj.weight' has shape (64, 64)", "(64, 128)"]),
+    (lambda t: t.__setitem__("v_proj.weight", torch.zeros(64, 64)),
+     ["'v_proj.weight' has shape (64, 64)", "(64, 128)"]),
     (lambda t: t.__setitem__("o_proj.weight", t["o_proj.weight"].to(torch.int32)), ["'o_proj.weight'", "torch.int32"]),
     (lambda t: t["mlp.up_proj.weight"].__setitem__((3, 5), float("nan")), ["'mlp.up_proj.weight' holds 1 NaN/Inf"]),
     (lambda t: t["query_norm.weight"].__setitem__(0, float("inf")), ["'query_norm.weight' holds 1 NaN/Inf"]),
@@ -153,7 +154,8 @@ def test_refuses_missing_files_and_bad_config(ckpt, target_cfg, tmp_path):
 @pytest.mark.parametrize("changes, fragments", [
     ({"beagle": None}, ["no 'beagle' section"]),
     ({"beagle": {"version": 99}}, ["'beagle.version' is 99"]),
-    ({"architectures": ["LlamaForCausalLM"]}, ["'architectures' is ['LlamaForCausalLM']", "EagleBeagleLlamaForCausalLM"]),
+    ({"architectures": ["LlamaForCausalLM"]},
+     ["'architectures' is ['LlamaForCausalLM']", "EagleBeagleLlamaForCausalLM"]),
     ({"intermediate_size": None}, ["lacks the field 'intermediate_size'"]),
     ({"beagle": {"version": 1, "state": "middle"}}, ["beagle.state must be one of"]),
 ])

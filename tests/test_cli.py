@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from conftest import BEAGLE
 from vllm_beagle.cli import SERVER_MODULE, serve_command
 
-BEAGLE = os.path.join(os.path.dirname(sys.executable), "beagle")
 
 
 def beagle(*args, timeout=120):

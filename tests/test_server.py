@@ -6,16 +6,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from conftest import MAX_TOKENS, PARITY_PROMPT
+from conftest import BEAGLE, MAX_TOKENS, PARITY_PROMPT
 
 pytestmark = pytest.mark.vllm
-BEAGLE = os.path.join(os.path.dirname(sys.executable), "beagle")
 MODEL = "tiny"
 
 

@@ -7,6 +7,7 @@ Scripts that use it need an `if __name__ == "__main__":` guard: vLLM spawns its 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from typing import Any
 
@@ -35,13 +36,11 @@ class SpecCounters:
         return [a / self.num_drafts for a in self.accepted_per_pos] if self.num_drafts else []
 
     def __sub__(self, before: "SpecCounters") -> "SpecCounters":
-        width = max(len(self.accepted_per_pos), len(before.accepted_per_pos))
-        pad = lambda xs: list(xs) + [0] * (width - len(xs))  # noqa: E731
         return SpecCounters(
             self.num_drafts - before.num_drafts,
             self.num_draft_tokens - before.num_draft_tokens,
             self.num_accepted_tokens - before.num_accepted_tokens,
-            [a - b for a, b in zip(pad(self.accepted_per_pos), pad(before.accepted_per_pos))],
+            _per_position(self.accepted_per_pos, before.accepted_per_pos, operator.sub),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -56,11 +55,14 @@ def spec_counters(llm) -> SpecCounters:
             field = SPEC_COUNTERS[metric.name]
             setattr(counters, field, getattr(counters, field) + metric.value)
         elif metric.name == PER_POSITION:
-            values = list(metric.values)
-            width = max(len(values), len(counters.accepted_per_pos))
-            old = counters.accepted_per_pos + [0] * (width - len(counters.accepted_per_pos))
-            counters.accepted_per_pos = [a + b for a, b in zip(old, values + [0] * (width - len(values)))]
+            counters.accepted_per_pos = _per_position(counters.accepted_per_pos, metric.values, operator.add)
     return counters
+
+
+def _per_position(a, b, op) -> list[int]:
+    """op over two per-position count lists; the shorter one counts as zeros past its end."""
+    width = max(len(a), len(b))
+    return [op(x, y) for x, y in zip(list(a) + [0] * (width - len(a)), list(b) + [0] * (width - len(b)))]
 
 
 def make_llm(target: str, speculative_config: dict | None = None, **engine_kwargs):

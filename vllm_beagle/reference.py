@@ -26,7 +26,8 @@ class ReferenceDraft(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, target: nn.Module) -> "ReferenceDraft":
-        """Load a checkpoint for an HF target model, taking embedding and LM head from it unless the checkpoint has its own."""
+        """Load a checkpoint for an HF target model; embedding and LM head are the target's unless the checkpoint
+        has its own."""
         cfg, tensors = load_checkpoint(path, target.config.to_dict(), getattr(target.config, "_name_or_path", "target"))
         embed = tensors.pop("embed_tokens.weight", None)
         lm_head = tensors.pop("lm_head.weight", None)

@@ -171,7 +171,7 @@ class BeagleConfig:
 
     def tensor_shapes(self) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
         """(required, optional) tensor names and shapes of model.safetensors."""
-        H, I, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        H, inter, hd = self.hidden_size, self.intermediate_size, self.head_dim
         q, kv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         required = {
             "query_norm.weight": (H,),
@@ -181,9 +181,9 @@ class BeagleConfig:
             "v_proj.weight": (kv, H),
             "o_proj.weight": (H, q),
             "mlp_norm.weight": (H,),
-            "mlp.gate_proj.weight": (I, H),
-            "mlp.up_proj.weight": (I, H),
-            "mlp.down_proj.weight": (H, I),
+            "mlp.gate_proj.weight": (inter, H),
+            "mlp.up_proj.weight": (inter, H),
+            "mlp.down_proj.weight": (H, inter),
         }
         if self.state == STATE_LAYER:
             # A pre-norm state needs the target's final norm before the LM head.
@@ -234,7 +234,8 @@ def check_against_target(cfg: BeagleConfig, target: Mapping[str, Any], checkpoin
     for field, value in ours.items():
         if value != theirs[field]:
             raise CheckpointError(
-                checkpoint, f"field '{field}' is {value!r} in the draft but {theirs[field]!r} in the target {target_name}"
+                checkpoint,
+                f"field '{field}' is {value!r} in the draft but {theirs[field]!r} in the target {target_name}",
             )
     layers = num_target_layers if num_target_layers is not None else target.get("num_hidden_layers")
     if cfg.state == STATE_LAYER and layers is not None and not 0 <= cfg.state_layer <= layers:
