@@ -64,25 +64,25 @@ class ReferenceDraft(nn.Module):
         return self.block.output(embeds, masked_attention(q, k, v, visible))
 
     @torch.no_grad()
-    def draft_chain(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> list[int]:
-        """Greedy chain drafting as vLLM does it.
+    def draft_chain(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+        """Greedy chain drafting as vLLM does it: the k draft tokens and the k states ĥ behind them.
 
         tokens: t_0..t_n, the sequence so far including the newest token; states: the true states
-        h_0..h_{n-1}. Returns k draft tokens for positions n+1..n+k. Each step's row sits one position
-        further on; in concat mode its key/value set also gains the ĥ the previous step predicted, in
+        h_0..h_{n-1}. Drafts tokens for positions n+1..n+k. Each step's row sits one position further
+        on; in concat mode its key/value set also gains the ĥ the previous step predicted, in
         true_states mode it keeps the true states only.
         """
         n = states.shape[0]
         positions = torch.arange(n)
-        predicted = self(tokens[1:n + 1], positions, states, positions)[-1]
-        drafts = [int(self.logits(predicted).argmax())]
+        predicted = [self(tokens[1:n + 1], positions, states, positions)[-1]]
+        drafts = [int(self.logits(predicted[-1]).argmax())]
         for step in range(1, k):
             if self.cfg.kv_mode == "concat":
-                states = torch.cat([states, predicted[None]])
+                states = torch.cat([states, predicted[-1][None]])
             row = torch.tensor([n - 1 + step])
-            predicted = self(torch.tensor([drafts[-1]]), row, states, torch.arange(len(states)))[-1]
-            drafts.append(int(self.logits(predicted).argmax()))
-        return drafts
+            predicted.append(self(torch.tensor([drafts[-1]]), row, states, torch.arange(len(states)))[-1])
+            drafts.append(int(self.logits(predicted[-1]).argmax()))
+        return drafts, torch.stack(predicted)
 
 
 @torch.no_grad()
@@ -126,7 +126,7 @@ def simulate_greedy(target: nn.Module, draft: ReferenceDraft, prompt: list[int],
     seq.append(int(logits[-1].argmax()))
     stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_pos": [0] * k}
     while len(seq) - len(prompt) < max_tokens:
-        drafts = draft.draft_chain(torch.tensor(seq), states, k)
+        drafts, _ = draft.draft_chain(torch.tensor(seq), states, k)
         states, logits = target_states(target, torch.tensor(seq + drafts), draft.cfg)
         greedy = logits[len(seq) - 1:].argmax(-1).tolist()
         accepted = 0

@@ -1,0 +1,103 @@
+"""The losses of Two-Stage Block-Attention Training, on the reference draft.
+
+A batch holds T positions per sequence: tokens t_0..t_{T-1}, the states the draft reads (h_j) and, when
+those are not the target's final post-norm states, the final states too (to recompute the target's
+next-token distribution with the shared LM head instead of storing it). Row p = 0..T-2 (block.py)
+predicts the state at position p + 1 and the distribution of t_{p+2}; it is supervised where
+loss_mask[p + 1] is set (the token t_{p+2} belongs to a response).
+
+Each supervised prediction costs soft cross-entropy against the target's distribution plus
+`regression_weight` times a smooth-L1 regression onto the target's state. Gaussian noise of
+`noise_std` is added to the true states the draft attends to (never to the targets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import ReferenceDraft
+from .masks import exact_rows, stage1_mask, stage2_mask
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    tokens: torch.Tensor  # [B, T] long
+    states: torch.Tensor  # [B, T, H], what the draft reads and regresses onto
+    loss_mask: torch.Tensor  # [B, T] bool, position j's state and next token are supervised
+    final: torch.Tensor | None = None  # [B, T, H], the target's final post-norm states if not `states`
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[1] - 1
+
+
+@dataclasses.dataclass
+class LossConfig:
+    regression_weight: float = 10.0
+    noise_std: float = 0.2
+
+
+def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
+    keys = batch.states[:, :batch.num_rows].float()
+    if cfg.noise_std:
+        noise = torch.randn(keys.shape, generator=generator, device=keys.device) * cfg.noise_std
+        keys = keys + noise
+    return keys.to(batch.states.dtype)
+
+
+def _row_losses(draft: ReferenceDraft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig) -> torch.Tensor:
+    """[B, R] loss of each row's prediction (state and distribution at position p + 1)."""
+    target_states = batch.states[:, 1:].to(predicted.dtype)
+    final = (batch.final if batch.final is not None else batch.states)[:, 1:].to(predicted.dtype)
+    with torch.no_grad():
+        target_probs = torch.softmax((final @ draft.lm_head_weight.T).float(), dim=-1)
+    log_probs = torch.log_softmax(draft.logits(predicted).float(), dim=-1)
+    cross_entropy = -(target_probs * log_probs).sum(-1)
+    regression = F.smooth_l1_loss(predicted.float(), target_states.float(), reduction="none").mean(-1)
+    return cross_entropy + cfg.regression_weight * regression
+
+
+def _mean_over(losses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of losses [B, R] over the selected rows (bool [B, R]); 0 with a graph when none is selected."""
+    return (losses * rows).sum() / rows.sum().clamp_min(1)
+
+
+def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inverse block attention: one forward pass, every supervised row contributes."""
+    rows = torch.arange(batch.num_rows, device=batch.tokens.device)
+    mask = stage1_mask(batch.num_rows, window, offset, batch.tokens.device)
+    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows, visible=mask)
+    return _mean_over(_row_losses(draft, predicted, batch, cfg), batch.loss_mask[:, 1:])
+
+
+def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, steps: int, cfg: LossConfig,
+                  generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training-time simulation: yields (loss, predicted) for steps 1..steps.
+
+    The loss of step i supervises only the exact i-th autoregressive predictions, weighted
+    window - i + 1. The states written into the predicted slots are detached, so each step's loss
+    depends on its own forward pass only: a caller that runs backward on it before asking for the next
+    step keeps one step's activations, whatever the number of steps (constant memory).
+    """
+    if not 1 <= steps <= window:
+        raise ValueError(f"simulation steps must be between 1 and the window ({window}), got {steps}")
+    num_rows, device = batch.num_rows, batch.tokens.device
+    rows = torch.arange(num_rows, device=device)
+    keys = torch.cat([_noisy_keys(batch, cfg, generator), torch.zeros_like(batch.states[:, :num_rows])], dim=1)
+    key_positions = torch.cat([rows, rows])
+    supervised = batch.loss_mask[:, 1:]
+    for step in range(1, steps + 1):
+        mask = stage2_mask(num_rows, window, offset, step, device)
+        predicted = draft(batch.tokens[:, 1:], rows, keys, key_positions, visible=mask)
+        exact = exact_rows(num_rows, window, offset, step, device)
+        loss = (window - step + 1) * _mean_over(_row_losses(draft, predicted, batch, cfg), supervised & exact)
+        yield loss, predicted
+        # Row p's output is the state at position p + 1: its slot, which the next step may read.
+        writers = exact & (rows + 1 < num_rows)
+        keys = keys.clone()
+        keys[:, num_rows + rows[writers] + 1] = predicted[:, writers].detach().to(keys.dtype)
