@@ -51,7 +51,7 @@ def beagle_state(draft, token, i, keys):
 def test_reference_forward_is_design_section_1(toy):
     draft, target = toy["draft"], toy["target"]
     tokens = torch.tensor([1, 450, 7483, 310, 3444, 338, 3681, 29889, 13])
-    states, _ = target_states(target, tokens, draft.cfg)
+    states = target_states(target, tokens, draft.cfg).states
     n = len(tokens) - 1
     rows = torch.arange(n)
     got = draft(tokens[1:], rows, states[:n], rows)
@@ -65,7 +65,7 @@ def test_chain_drafting_feeds_back_predicted_states(toy):
     draft, target = toy["draft"], toy["target"]
     tokens = torch.tensor([1, 15043, 29892, 590, 1024, 338])
     n = len(tokens) - 1
-    states, _ = target_states(target, tokens[:n], draft.cfg)
+    states = target_states(target, tokens[:n], draft.cfg).states
     keys = [(states[j], j) for j in range(n)]
     token, expected = tokens[n], []
     for step in range(4):
@@ -81,8 +81,9 @@ def test_layer_state_is_the_pre_norm_residual(toy):
     """eagle3's state for aux id L is the residual the target's final norm turns into the eagle state."""
     draft3, target = toy["draft3"], toy["target"]
     ids = torch.tensor([1, 450, 7483, 310, 3444, 338])
-    pre, logits = target_states(target, ids, draft3.cfg)
-    post, logits2 = target_states(target, ids, toy["draft"].cfg)
+    pre, final, logits = target_states(target, ids, draft3.cfg)
+    post, _, logits2 = target_states(target, ids, toy["draft"].cfg)
+    torch.testing.assert_close(final, post)
     torch.testing.assert_close(target.model.norm(pre), post)
     torch.testing.assert_close(logits, logits2)
     torch.testing.assert_close(logits, target(ids[None]).logits[0])

@@ -52,11 +52,11 @@ def inference_case(toy, draft, k):
     target = toy["target"]
     context = torch.tensor([1, 450, 7483, 310, 3444, 338, 3681])
     n = len(context)
-    states, logits = target_states(target, context, draft.cfg)
+    states, _, logits = target_states(target, context, draft.cfg)
     with_bonus = torch.cat([context, logits[-1].argmax()[None]])
     drafts, predicted = draft.draft_chain(with_bonus, states, k)
     tokens = torch.cat([with_bonus, torch.tensor(drafts[:k - 1], dtype=torch.long)])
-    all_states, _ = target_states(target, tokens, draft.cfg)
+    all_states = target_states(target, tokens, draft.cfg).states
     batch = TrainBatch(tokens[None], all_states[None], torch.ones(1, len(tokens), dtype=torch.bool))
     return batch, n, predicted
 

@@ -6,6 +6,8 @@ and inputs must give the same draft tokens here and inside vLLM. No vLLM import.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -85,12 +87,19 @@ class ReferenceDraft(nn.Module):
         return drafts, torch.stack(predicted)
 
 
-@torch.no_grad()
-def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states, logits) of an HF causal LM over `ids` ([T] or [B, T]); states are what the draft reads.
+class TargetOutput(NamedTuple):
+    states: torch.Tensor  # what the draft reads
+    final: torch.Tensor  # the final post-norm states (equal to `states` for method eagle)
+    logits: torch.Tensor
 
-    final_norm: the last, post-norm hidden state (vLLM `method: eagle`). layer l: the pre-norm residual
-    after decoder layer l-1, l = 0 being the embedding output (vLLM `method: eagle3` aux ids).
+
+@torch.no_grad()
+def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> TargetOutput:
+    """The states, final states and logits of an HF causal LM over `ids` ([T] or [B, T]).
+
+    final_norm: the draft reads the last, post-norm hidden state (vLLM `method: eagle`). layer l: the
+    pre-norm residual after decoder layer l-1, l = 0 being the embedding output (vLLM `method: eagle3`
+    aux ids).
     """
     batched = ids.dim() == 2
     ids = ids if batched else ids[None]
@@ -102,14 +111,12 @@ def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> tu
         hook = module.register_forward_hook(
             lambda _m, _i, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
     try:
-        out = target.model(input_ids=ids)
+        final = target.model(input_ids=ids).last_hidden_state
     finally:
         if hook is not None:
             hook.remove()
-    final = out.last_hidden_state
-    states = final if cfg.state == STATE_FINAL_NORM else captured["h"]
-    logits = target.lm_head(final)
-    return (states, logits) if batched else (states[0], logits[0])
+    out = TargetOutput(final if cfg.state == STATE_FINAL_NORM else captured["h"], final, target.lm_head(final))
+    return out if batched else TargetOutput(*(t[0] for t in out))
 
 
 @torch.no_grad()
@@ -122,12 +129,12 @@ def simulate_greedy(target: nn.Module, draft: ReferenceDraft, prompt: list[int],
     tokens and the counters vLLM reports (drafts, draft tokens, accepted, accepted per position).
     """
     seq = list(prompt)
-    states, logits = target_states(target, torch.tensor(seq), draft.cfg)
+    states, _, logits = target_states(target, torch.tensor(seq), draft.cfg)
     seq.append(int(logits[-1].argmax()))
     stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_pos": [0] * k}
     while len(seq) - len(prompt) < max_tokens:
         drafts, _ = draft.draft_chain(torch.tensor(seq), states, k)
-        states, logits = target_states(target, torch.tensor(seq + drafts), draft.cfg)
+        states, _, logits = target_states(target, torch.tensor(seq + drafts), draft.cfg)
         greedy = logits[len(seq) - 1:].argmax(-1).tolist()
         accepted = 0
         while accepted < k and drafts[accepted] == greedy[accepted]:

@@ -1,0 +1,74 @@
+"""The training loop on the toy target: a fresh draft learns (held-out acceptance rises well above the
+untrained draft's), and an interrupted run resumes to exactly the weights of an uninterrupted one."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vllm_beagle.reference import ReferenceDraft, simulate_greedy
+from vllm_beagle.schema import BeagleConfig
+from vllm_beagle.train.data import write_examples
+from vllm_beagle.train.loop import TrainConfig, train
+from vllm_beagle.train.shards import ShardSet
+
+PROMPT_LEN, NEW_TOKENS = 6, 26
+
+
+def prompts(seed, count):
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(100, 32000, (PROMPT_LEN - 1,), generator=gen).tolist() for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def shards(toy, tmp_path_factory):
+    """The target's own greedy responses to random prompts; only the responses are supervised."""
+    target = toy["target"]
+    sequences = []
+    for prompt in prompts(0, 64):
+        out = target.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+        tokens = out[0].tolist()
+        sequences.append((tokens, [i >= PROMPT_LEN for i in range(len(tokens))]))
+    folder = str(tmp_path_factory.mktemp("shards"))
+    assert write_examples(target, toy["draft"].cfg, sequences, folder, shard_size=20, progress=False) == 4
+    return ShardSet(folder)
+
+
+def fresh_draft(toy, seed=0):
+    torch.manual_seed(seed)
+    cfg = BeagleConfig.from_target(toy["target"].config.to_dict())
+    return ReferenceDraft(cfg, toy["draft"].embed_weight, toy["draft"].lm_head_weight)
+
+
+def acceptance(toy, draft, k=3):
+    accepted = drafted = 0
+    for prompt in prompts(1, 6):  # held out: other prompts than the training ones
+        stats = simulate_greedy(toy["target"], draft, prompt, 16, k)
+        accepted += stats["num_accepted_tokens"]
+        drafted += stats["num_draft_tokens"]
+    return accepted / drafted
+
+
+FAST = TrainConfig(window=3, sim_steps=2, stage1_epochs=3, stage2_epochs=2, batch_size=8, lr=3e-3, warmup_steps=4,
+                   save_every=1000)
+
+
+def test_training_raises_held_out_acceptance(toy, shards, tmp_path):
+    assert len(shards) == 64
+    draft = fresh_draft(toy)
+    before = acceptance(toy, draft)
+    train(draft, shards, str(tmp_path), FAST, progress=False)
+    after = acceptance(toy, draft)
+    # Measured here: 0.56 before (the toy target is nearly a bigram model), 0.89 after.
+    assert after > before + 0.2 and after > 0.8, (before, after)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(toy, shards, tmp_path):
+    cfg = dataclasses.replace(FAST, stage1_epochs=1, stage2_epochs=1, save_every=3)
+    whole = train(fresh_draft(toy), shards, str(tmp_path / "whole"), cfg, progress=False)
+    for stop_after in (5, 4, None):  # two interruptions, each resumed by a fresh process's worth of state
+        resumed = train(fresh_draft(toy), shards, str(tmp_path / "resumed"), cfg, stop_after=stop_after,
+                        progress=False)
+    for name, weight in whole.block.state_dict().items():
+        assert torch.equal(weight, resumed.block.state_dict()[name]), name
