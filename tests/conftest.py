@@ -4,6 +4,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from vllm_beagle.train.data import write_examples
+from vllm_beagle.train.shards import ShardSet
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,6 +27,8 @@ PROMPTS = [
 ]
 PARITY_PROMPT = [1, 15043, 29892, 590, 1024, 338]
 MAX_TOKENS = 32
+# Training data: random prompts and the toy target's greedy responses.
+PROMPT_LEN, NEW_TOKENS = 6, 26
 KS = (1, 3, 5)
 
 
@@ -33,7 +39,6 @@ def spec(draft_dir, k, method="eagle"):
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A tiny saved target and Beagle drafts for it: method eagle, method eagle3 (last layer's residual)."""
-    import torch
     from transformers import LlamaForCausalLM
 
     from vllm_beagle.toy import build_draft, build_target
@@ -82,3 +87,24 @@ def engines(toy, tmp_path_factory):
     runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch]} for k in KS]
     runs.append({"name": "true_states", "spec": spec(toy["draft_ts_dir"], 3), "calls": [parity, batch]})
     return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))
+
+
+
+def random_prompts(seed, count):
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(100, 32000, (PROMPT_LEN - 1,), generator=gen).tolist() for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def shards(toy, tmp_path_factory):
+    """The target's own greedy responses to random prompts; only the responses are supervised."""
+    target = toy["target"]
+    sequences = []
+    for prompt in random_prompts(0, 64):
+        out = target.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
+        tokens = out[0].tolist()
+        sequences.append((tokens, [i >= PROMPT_LEN for i in range(len(tokens))]))
+    folder = str(tmp_path_factory.mktemp("shards"))
+    assert write_examples(target, toy["draft"].cfg, sequences, folder, shard_size=20, progress=False) == 4
+    return ShardSet(folder)

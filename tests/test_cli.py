@@ -51,3 +51,22 @@ def test_serve_refuses_a_bad_draft_before_starting_vllm(toy, tmp_path):
     assert result.returncode == 2
     assert f"Beagle checkpoint {bad}: no config.json" in result.stderr
     assert "api_server" not in result.stderr and time.monotonic() - start < 60
+
+
+def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tmp_path):
+    from vllm_beagle.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "beagle-trained")
+    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
+                    "--window", "3", "--sim-steps", "2", "--stage1-epochs", "1", "--stage2-epochs", "1",
+                    "--batch-size", "32", "--warmup-steps", "1", "--lr", "1e-3", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg, _ = load_checkpoint(out, toy["target"].config.to_dict())
+    assert cfg.training["sequences"] == len(shards) and cfg.training["window"] == 3
+    assert cfg.training["command"].startswith("beagle train --data")
+    assert os.path.exists(out + ".train/train_state.pt")
+
+
+def test_train_refuses_a_folder_without_shards(toy, tmp_path):
+    result = beagle("train", "--data", str(tmp_path), "--target", toy["target_dir"], "--out", str(tmp_path / "o"))
+    assert result.returncode != 0 and f"no training shards (shard-*.safetensors) in {tmp_path}" in result.stderr

@@ -3,36 +3,12 @@ untrained draft's), and an interrupted run resumes to exactly the weights of an 
 
 import dataclasses
 
-import pytest
 import torch
 
+from conftest import random_prompts
 from vllm_beagle.reference import ReferenceDraft, simulate_greedy
 from vllm_beagle.schema import BeagleConfig
-from vllm_beagle.train.data import write_examples
 from vllm_beagle.train.loop import TrainConfig, train
-from vllm_beagle.train.shards import ShardSet
-
-PROMPT_LEN, NEW_TOKENS = 6, 26
-
-
-def prompts(seed, count):
-    gen = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(100, 32000, (PROMPT_LEN - 1,), generator=gen).tolist() for _ in range(count)]
-
-
-@pytest.fixture(scope="module")
-def shards(toy, tmp_path_factory):
-    """The target's own greedy responses to random prompts; only the responses are supervised."""
-    target = toy["target"]
-    sequences = []
-    for prompt in prompts(0, 64):
-        out = target.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), pad_token_id=0)
-        tokens = out[0].tolist()
-        sequences.append((tokens, [i >= PROMPT_LEN for i in range(len(tokens))]))
-    folder = str(tmp_path_factory.mktemp("shards"))
-    assert write_examples(target, toy["draft"].cfg, sequences, folder, shard_size=20, progress=False) == 4
-    return ShardSet(folder)
 
 
 def fresh_draft(toy, seed=0):
@@ -43,7 +19,7 @@ def fresh_draft(toy, seed=0):
 
 def acceptance(toy, draft, k=3):
     accepted = drafted = 0
-    for prompt in prompts(1, 6):  # held out: other prompts than the training ones
+    for prompt in random_prompts(1, 6):  # held out: other prompts than the training ones
         stats = simulate_greedy(toy["target"], draft, prompt, 16, k)
         accepted += stats["num_accepted_tokens"]
         drafted += stats["num_draft_tokens"]

@@ -1,4 +1,4 @@
-"""The `beagle` command: serve a target with a Beagle draft, or run the demo."""
+"""The `beagle` command: serve a target with a Beagle draft, train a draft, or run the demo."""
 
 from __future__ import annotations
 
@@ -58,11 +58,52 @@ def cmd_demo(args: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit(f"beagle train: unknown arguments {extra}")
+    if args.arch != "beagle":
+        raise SystemExit("beagle train: --arch eagle (the EAGLE-1 baseline) is not implemented yet")
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .reference import ReferenceDraft
+    from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
+    from .train.loop import TrainConfig, train
+    from .train.shards import ShardError, ShardSet
+
+    try:
+        data = ShardSet(args.data)
+    except ShardError as e:
+        raise SystemExit(f"beagle train: {e}") from None
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    state = {"state": STATE_FINAL_NORM} if args.state_layer is None else {"state": STATE_LAYER,
+                                                                           "state_layer": args.state_layer}
+    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=args.kv_mode, **state)
+    width = data.sequences[0]["states"].shape[-1]
+    if width != cfg.hidden_size:
+        raise SystemExit(f"beagle train: the shards in {args.data} hold states of width {width}, "
+                         f"but the target {args.target} has hidden_size {cfg.hidden_size}")
+    train_cfg = TrainConfig(window=args.window, sim_steps=args.sim_steps, stage1_epochs=args.stage1_epochs,
+                            stage2_epochs=args.stage2_epochs, batch_size=args.batch_size, max_len=args.max_len,
+                            lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every)
+    torch.manual_seed(args.seed)
+    draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    train(draft, data, args.work_dir or args.out.rstrip("/") + ".train", train_cfg)
+    draft.cfg.training = {"data": os.path.abspath(args.data), "sequences": len(data),
+                          **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "loss"},
+                          "command": " ".join(["beagle", *sys.argv[1:]])}
+    draft.save(args.out)
+    print(f"beagle train: wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beagle",
         description="Beagle cross-attention drafts for vLLM speculative decoding: serve a target with a "
-                    "draft (outputs stay exactly the target's), or run the demo.",
+                    "draft (outputs stay exactly the target's), train a draft, or run the demo.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -93,6 +134,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "vllm-beagle"),
                       help="where built models are kept (default ~/.cache/vllm-beagle)")
     demo.set_defaults(func=cmd_demo)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a Beagle draft on shards of target states (Two-Stage Block-Attention Training)",
+        description="Train a Beagle draft for TARGET on the shards in DATA: stage 1 (inverse block attention) "
+                    "for the first epochs, stage 2 (training-time simulation) after, and write the checkpoint "
+                    "to OUT. The training state is saved atomically in the work folder; run the same command "
+                    "again to resume an interrupted run.",
+    )
+    tr.add_argument("--data", required=True, help="folder of shard-*.safetensors")
+    tr.add_argument("--target", required=True, help="the target model (HF directory)")
+    tr.add_argument("--out", required=True, help="checkpoint folder to write (name it beagle-... so that vLLM's "
+                                                 "--spec-model shorthand recognises it)")
+    tr.add_argument("--arch", choices=["beagle", "eagle"], default="beagle", help="draft architecture")
+    tr.add_argument("--state-layer", type=int, default=None,
+                    help="read the pre-norm residual after this target layer (method eagle3) instead of the final "
+                         "post-norm state (method eagle, the default)")
+    tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
+                    help="what draft steps attend to at inference (default concat)")
+    tr.add_argument("--window", type=int, default=5, help="block window k (default 5)")
+    tr.add_argument("--sim-steps", type=int, default=4, help="stage-2 simulation steps s <= k (default 4)")
+    tr.add_argument("--stage1-epochs", type=int, default=10, help="epochs of stage 1 (default 10)")
+    tr.add_argument("--stage2-epochs", type=int, default=10, help="epochs of stage 2 (default 10)")
+    tr.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    tr.add_argument("--max-len", type=int, default=2048, help="positions per sequence (default 2048)")
+    tr.add_argument("--lr", type=float, default=3e-5, help="peak learning rate, AdamW (default 3e-5)")
+    tr.add_argument("--warmup-steps", type=int, default=2000, help="linear warm-up steps (default 2000)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, order, offsets and noise")
+    tr.add_argument("--save-every", type=int, default=200, help="steps between saved training states")
+    tr.add_argument("--work-dir", default=None, help="where the training state goes (default OUT.train)")
+    tr.set_defaults(func=cmd_train)
     return parser
 
 
