@@ -1,0 +1,88 @@
+"""Peak memory and step time of Beagle's stage-2 training for s = 1..5 simulation steps, and of stage 1.
+
+    python benchmarks/train_memory.py [--hidden 576 --heads 9 --kv-heads 3 --vocab 49152 --batch 4 --seq 1024]
+
+A random draft and random target states of the given shape (SmolLM2-135M's by default) stand in for
+real data: memory and time do not depend on the values. On a GPU it reports torch's peak allocated
+memory and the median step time (forward, per-step backward, optimizer step); on CPU only the step
+time. Stage 2 writes one predicted-state buffer in place and runs backward after every simulation
+step, so its peak memory should not grow with s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from vllm_beagle.reference import ReferenceDraft  # noqa: E402
+from vllm_beagle.schema import BeagleConfig  # noqa: E402
+from vllm_beagle.train.objective import LossConfig, TrainBatch, stage1_loss, stage2_losses  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=576)
+    parser.add_argument("--heads", type=int, default=9)
+    parser.add_argument("--kv-heads", type=int, default=3)
+    parser.add_argument("--intermediate", type=int, default=1536)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cfg = BeagleConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads, vocab_size=args.vocab,
+                       rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                       max_position_embeddings=8192)
+    embed = torch.randn(args.vocab, args.hidden) * 0.02
+    draft = ReferenceDraft(cfg, embed, embed).to(device)
+    optimizer = torch.optim.AdamW(draft.block.parameters(), lr=1e-5)
+    batch = TrainBatch(torch.randint(args.vocab, (args.batch, args.seq), device=device),
+                       torch.randn(args.batch, args.seq, args.hidden, device=device),
+                       torch.ones(args.batch, args.seq, dtype=torch.bool, device=device))
+    loss_cfg = LossConfig()
+
+    def step(steps: int | None):
+        optimizer.zero_grad(set_to_none=True)
+        if steps is None:
+            stage1_loss(draft, batch, args.window, 0, loss_cfg).backward()
+        else:
+            for loss, _ in stage2_losses(draft, batch, args.window, 0, steps, loss_cfg):
+                loss.backward()
+        optimizer.step()
+
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; draft hidden {args.hidden}, "
+          f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab}; batch {args.batch} x {args.seq} positions, "
+          f"window {args.window}\n")
+    print("| training | peak memory (GiB) | step time (ms) |\n|---|---|---|")
+    with torch.enable_grad():
+        for steps in [None] + list(range(1, args.window + 1)):
+            step(steps)  # warm-up
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                step(steps)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) * 1e3)
+            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device == "cuda" else "-"
+            name = "stage 1" if steps is None else f"stage 2, s = {steps}"
+            print(f"| {name} | {peak} | {statistics.median(times):.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
