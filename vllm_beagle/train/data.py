@@ -1,7 +1,12 @@
-"""From token sequences (prompts with the target's own responses) to training shards of target states."""
+"""Training data: chat prompts, the target's own responses (through vLLM), and shards of target states.
+
+`build_dataset` is `beagle data`: every stage keeps what it finished on disk (responses in one file
+written whole, shards one by one), so an interrupted run resumes where it stopped.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -10,6 +15,11 @@ from tqdm import tqdm
 from ..reference import target_states
 from ..schema import STATE_FINAL_NORM, BeagleConfig
 from .shards import write_shard
+
+
+def state_name(cfg: BeagleConfig) -> str:
+    """How shards name the target state they hold."""
+    return STATE_FINAL_NORM if cfg.state == STATE_FINAL_NORM else f"layer:{cfg.state_layer}"
 
 
 @torch.no_grad()
@@ -34,5 +44,67 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
             masks.append(torch.tensor(loss_mask))
             states.append(out.states)
             finals.append(out.final)
-        write_shard(path, ids, masks, states, finals if cfg.state != STATE_FINAL_NORM else None)
+        write_shard(path, state_name(cfg), ids, masks, states, finals if cfg.state != STATE_FINAL_NORM else None)
     return num_shards
+
+
+def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | None = None, num_prompts: int = 1000,
+                  max_prompt_len: int = 1024, max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 256,
+                  progress: bool = True) -> dict:
+    """Prompts (first user turns of a ShareGPT file) -> target responses (greedy, vLLM) -> shards.
+
+    Writes `train/` and `heldout/` shard folders, `responses.json` and `summary.json` under `out`, and
+    returns the summary: how many records were read, skipped as malformed, skipped as too long, and
+    how many sequences each split holds.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import sharegpt
+
+    path = dataset or sharegpt.default_path()
+    texts, malformed = sharegpt.first_user_turns(path)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    prompts, too_long = [], 0
+    for text in texts[:num_prompts]:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        if len(ids) > max_prompt_len:
+            too_long += 1
+        else:
+            prompts.append(list(ids))
+    if not prompts:
+        raise ValueError(f"no usable prompt in {path}: {malformed} malformed, {too_long} longer than {max_prompt_len}")
+    os.makedirs(out, exist_ok=True)
+    responses = _target_responses(target_dir, prompts, max_prompt_len + max_new_tokens, max_new_tokens,
+                                  os.path.join(out, "responses.json"))
+    sequences = [(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(prompts, responses)]
+    split = len(sequences) - min(heldout, len(sequences) - 1)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    write_examples(target, cfg, sequences[:split], os.path.join(out, "train"), shard_size, progress)
+    if split < len(sequences):
+        write_examples(target, cfg, sequences[split:], os.path.join(out, "heldout"), shard_size, progress)
+    summary = {"dataset": os.path.abspath(path), "records_read": len(texts) + malformed, "skipped_malformed": malformed,
+               "skipped_too_long": too_long, "train_sequences": split, "heldout_sequences": len(sequences) - split,
+               "state": state_name(cfg), "max_new_tokens": max_new_tokens}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _target_responses(target_dir: str, prompts: list[list[int]], max_model_len: int, max_new_tokens: int,
+                      path: str) -> list[list[int]]:
+    """The target's greedy responses, generated once: kept in `path` for a resumed run."""
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["prompts"] == prompts:
+            return saved["responses"]
+    from ..offline import generate, make_llm, shutdown
+
+    llm = make_llm(target_dir, max_model_len=max_model_len, max_num_seqs=64)
+    responses = generate(llm, prompts, max_new_tokens)["outputs"]
+    shutdown(llm)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"prompts": prompts, "responses": responses}, f)
+    os.replace(path + ".tmp", path)
+    return responses

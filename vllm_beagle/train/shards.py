@@ -13,6 +13,7 @@ import os
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .objective import TrainBatch
@@ -24,8 +25,9 @@ class ShardError(ValueError):
     pass
 
 
-def write_shard(path: str, input_ids: list[torch.Tensor], loss_masks: list[torch.Tensor], states: list[torch.Tensor],
-                final: list[torch.Tensor] | None = None) -> None:
+def write_shard(path: str, state: str, input_ids: list[torch.Tensor], loss_masks: list[torch.Tensor],
+                states: list[torch.Tensor], final: list[torch.Tensor] | None = None) -> None:
+    """`state` says which target state the shard holds: "final_norm" or "layer:<l>"."""
     lengths = torch.tensor([len(t) for t in input_ids])
     tensors = {
         "input_ids": torch.cat(input_ids).to(torch.int32),
@@ -35,7 +37,7 @@ def write_shard(path: str, input_ids: list[torch.Tensor], loss_masks: list[torch
     }
     if final is not None:
         tensors["final"] = torch.cat(final).to(torch.float16)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata={"state": state})
     os.replace(path + ".tmp", path)
 
 
@@ -47,14 +49,21 @@ class ShardSet:
         if not self.files:
             raise ShardError(f"no training shards ({SHARD_GLOB}) in {folder}")
         self.sequences = []
+        states = set()
         for file in self.files:
             try:
+                with safe_open(file, "pt") as f:
+                    states.add((f.metadata() or {}).get("state"))
                 shard = load_file(file)
                 offsets = shard["offsets"].tolist()
                 for start, end in zip(offsets[:-1], offsets[1:]):
                     self.sequences.append({k: shard[k][start:end] for k in shard if k != "offsets"})
             except (SafetensorError, KeyError, OSError) as e:
                 raise ShardError(f"training shard {file} is unreadable ({e})") from None
+        if len(states) != 1 or None in states:
+            raise ShardError(f"the shards in {folder} do not agree on the target state they hold: "
+                             f"{sorted(map(str, states))}")
+        self.state = states.pop()
 
     def __len__(self) -> int:
         return len(self.sequences)
