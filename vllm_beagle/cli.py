@@ -39,45 +39,33 @@ def serve_command(target: str, draft: str, num_speculative_tokens: int, vllm_arg
             *vllm_args]
 
 
-def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens < 1:
         raise SystemExit("beagle serve: --num-speculative-tokens must be at least 1")
-    argv = serve_command(args.target, args.draft, args.num_speculative_tokens, vllm_args)
+    argv = serve_command(args.target, args.draft, args.num_speculative_tokens, args.vllm_args)
     print("beagle: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
     # Replace this process, so that signals and the exit status are the server's own.
     os.execv(argv[0], argv)
     return 0  # not reached
 
 
-def cmd_demo(args: argparse.Namespace, vllm_args: list[str]) -> int:
-    if vllm_args:
-        raise SystemExit(f"beagle demo: unknown arguments {vllm_args}")
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(cache=args.cache, k=args.num_speculative_tokens, max_tokens=args.max_tokens)
     return 0
 
 
-def state_options(name: str) -> dict:
-    """BeagleConfig fields for a state named as the shards name it ("final_norm" or "layer:<l>")."""
-    from .schema import STATE_FINAL_NORM, STATE_LAYER
-
-    if name == STATE_FINAL_NORM:
-        return {"state": STATE_FINAL_NORM}
-    return {"state": STATE_LAYER, "state_layer": int(name.split(":", 1)[1])}
-
-
-def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise SystemExit(f"beagle data: unknown arguments {extra}")
+def cmd_data(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from transformers import AutoConfig
 
-    from .schema import BeagleConfig
+    from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
     from .train.data import build_dataset
 
-    state = "final_norm" if args.state_layer is None else f"layer:{args.state_layer}"
-    cfg = BeagleConfig.from_target(AutoConfig.from_pretrained(args.target).to_dict(), **state_options(state))
+    state = ({"state": STATE_FINAL_NORM} if args.state_layer is None
+             else {"state": STATE_LAYER, "state_layer": args.state_layer})
+    cfg = BeagleConfig.from_target(AutoConfig.from_pretrained(args.target).to_dict(), **state)
     try:
         summary = build_dataset(args.target, args.out, cfg, args.dataset, args.num_prompts, args.max_prompt_len,
                                 args.max_new_tokens, args.heldout, args.shard_size)
@@ -87,9 +75,7 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    if extra:
-        raise SystemExit(f"beagle train: unknown arguments {extra}")
+def cmd_train(args: argparse.Namespace) -> int:
     if args.arch != "beagle":
         raise SystemExit("beagle train: --arch eagle (the EAGLE-1 baseline) is not implemented yet")
     import dataclasses
@@ -99,6 +85,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     from .reference import ReferenceDraft
     from .schema import BeagleConfig
+    from .train.data import state_options
     from .train.loop import TrainConfig, train
     from .train.shards import ShardError, ShardSet
 
@@ -219,9 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.vllm_args = rest
     try:
-        return args.func(args, rest)
+        return args.func(args)
     except CheckpointError as e:
         print(f"beagle {args.command}: {e}", file=sys.stderr)
         return 2

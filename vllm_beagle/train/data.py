@@ -13,13 +13,20 @@ import torch
 from tqdm import tqdm
 
 from ..reference import target_states
-from ..schema import STATE_FINAL_NORM, BeagleConfig
+from ..schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
 from .shards import write_shard
 
 
 def state_name(cfg: BeagleConfig) -> str:
-    """How shards name the target state they hold."""
+    """How shards name the target state they hold: "final_norm" or "layer:<l>"."""
     return STATE_FINAL_NORM if cfg.state == STATE_FINAL_NORM else f"layer:{cfg.state_layer}"
+
+
+def state_options(name: str) -> dict:
+    """The BeagleConfig fields of a state named by state_name."""
+    if name == STATE_FINAL_NORM:
+        return {"state": STATE_FINAL_NORM}
+    return {"state": STATE_LAYER, "state_layer": int(name.split(":", 1)[1])}
 
 
 @torch.no_grad()
