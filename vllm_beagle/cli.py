@@ -99,9 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if width != cfg.hidden_size:
         raise SystemExit(f"beagle train: the shards in {args.data} hold states of width {width}, "
                          f"but the target {args.target} has hidden_size {cfg.hidden_size}")
-    train_cfg = TrainConfig(window=args.window, sim_steps=args.sim_steps, stage1_epochs=args.stage1_epochs,
-                            stage2_epochs=args.stage2_epochs, batch_size=args.batch_size, max_len=args.max_len,
-                            lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed, save_every=args.save_every)
+    train_cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
     torch.manual_seed(args.seed)
     draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     train(draft, data, args.work_dir or args.out.rstrip("/") + ".train", train_cfg)
@@ -111,6 +109,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     draft.save(args.out)
     print(f"beagle train: wrote {args.out}")
     return 0
+
+
+# TrainConfig fields that `beagle train` exposes; their defaults are TrainConfig's.
+TRAIN_OPTIONS = {
+    "window": "block window k",
+    "sim_steps": "stage-2 simulation steps s <= k",
+    "stage1_epochs": "epochs of stage 1",
+    "stage2_epochs": "epochs of stage 2",
+    "batch_size": "sequences per step",
+    "max_len": "positions per sequence",
+    "lr": "peak learning rate, AdamW",
+    "warmup_steps": "linear warm-up steps",
+    "seed": "seed of initialisation, order, offsets and noise",
+    "save_every": "steps between saved training states",
+}
 
 
 def add_num_speculative_tokens(parser: argparse.ArgumentParser) -> None:
@@ -190,16 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--arch", choices=["beagle", "eagle"], default="beagle", help="draft architecture")
     tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
                     help="what draft steps attend to at inference (default concat)")
-    tr.add_argument("--window", type=int, default=5, help="block window k (default 5)")
-    tr.add_argument("--sim-steps", type=int, default=4, help="stage-2 simulation steps s <= k (default 4)")
-    tr.add_argument("--stage1-epochs", type=int, default=10, help="epochs of stage 1 (default 10)")
-    tr.add_argument("--stage2-epochs", type=int, default=10, help="epochs of stage 2 (default 10)")
-    tr.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    tr.add_argument("--max-len", type=int, default=2048, help="positions per sequence (default 2048)")
-    tr.add_argument("--lr", type=float, default=3e-5, help="peak learning rate, AdamW (default 3e-5)")
-    tr.add_argument("--warmup-steps", type=int, default=2000, help="linear warm-up steps (default 2000)")
-    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation, order, offsets and noise")
-    tr.add_argument("--save-every", type=int, default=200, help="steps between saved training states")
+    from .train.loop import TrainConfig
+
+    defaults = TrainConfig()
+    for name, help_text in TRAIN_OPTIONS.items():
+        value = getattr(defaults, name)
+        tr.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                        help=f"{help_text} (default {value})")
     tr.add_argument("--work-dir", default=None, help="where the training state goes (default OUT.train)")
     tr.set_defaults(func=cmd_train)
     return parser

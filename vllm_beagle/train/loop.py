@@ -24,8 +24,8 @@ STATE_FILE = "train_state.pt"
 class TrainConfig:
     window: int = 5
     sim_steps: int = 4
-    stage1_epochs: int = 1
-    stage2_epochs: int = 1
+    stage1_epochs: int = 10
+    stage2_epochs: int = 10
     batch_size: int = 8
     max_len: int = 2048
     lr: float = 3e-5
