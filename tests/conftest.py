@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from vllm_beagle.toy import build_draft
 from vllm_beagle.train.data import write_examples
 from vllm_beagle.train.shards import ShardSet
 
@@ -41,7 +42,7 @@ def toy(tmp_path_factory):
     """A tiny saved target and Beagle drafts for it: method eagle, method eagle3 (last layer's residual)."""
     from transformers import LlamaForCausalLM
 
-    from vllm_beagle.toy import build_draft, build_target
+    from vllm_beagle.toy import build_target
 
     root = tmp_path_factory.mktemp("toy")
     target_dir = build_target(str(root / "target"))
@@ -49,6 +50,7 @@ def toy(tmp_path_factory):
     torch.set_grad_enabled(False)
     layers = target.config.num_hidden_layers
     return {
+        **vocab_draft(target, str(root / "beagle-vocab")),
         "root": root,
         "target_dir": target_dir,
         "target": target,
@@ -59,6 +61,20 @@ def toy(tmp_path_factory):
         "draft_ts": build_draft(target, str(root / "beagle-true-states"), kv_mode="true_states"),
         "draft_ts_dir": str(root / "beagle-true-states"),
     }
+
+
+def vocab_draft(target, out):
+    """A draft over 1,000 of the 32,000 tokens: most of what the target says after PARITY_PROMPT, not all."""
+    said = target.generate(torch.tensor([PARITY_PROMPT]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                           attention_mask=torch.ones(1, len(PARITY_PROMPT), dtype=torch.long), pad_token_id=0)
+    said = sorted(set(said[0, len(PARITY_PROMPT):].tolist()))
+    dropped = set(said[::4])
+    others = torch.randperm(32000, generator=torch.Generator().manual_seed(1)).tolist()
+    ids = [t for t in said if t not in dropped]
+    ids += [t for t in others if t not in dropped and t not in ids][:1000 - len(ids)]
+    ids = torch.tensor(sorted(ids))
+    return {"draft_vocab": build_draft(target, out, draft_vocab=ids), "draft_vocab_dir": out,
+            "draft_vocab_dropped": sorted(dropped)}
 
 
 def run_vllm(target: str, runs: list[dict], tmp_dir, multiprocess: bool = False, timeout: int = 900,
@@ -76,8 +92,18 @@ def run_vllm(target: str, runs: list[dict], tmp_dir, multiprocess: bool = False,
 
 
 @pytest.fixture(scope="session")
-def engines(toy, tmp_path_factory):
-    """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, and a true-states draft at K = 3.
+def eagle_draft(toy, tmp_path_factory):
+    """The EAGLE-1 baseline for the toy target (near-identity, like the Beagle toy), in vLLM's EAGLE format."""
+    from vllm_beagle.toy import build_eagle_draft
+
+    out = str(tmp_path_factory.mktemp("eagle") / "eagle-toy")
+    return {"draft": build_eagle_draft(toy["target"], out), "dir": out}
+
+
+@pytest.fixture(scope="session")
+def engines(toy, eagle_draft, tmp_path_factory):
+    """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, a true-states draft, a
+    reduced-vocabulary draft and vLLM's own EAGLE-1 running our exported baseline at K = 3.
 
     The parity request runs alone first on each drafting engine, so that its counters are its own.
     """
@@ -86,6 +112,8 @@ def engines(toy, tmp_path_factory):
     runs = [{"name": "plain", "spec": None, "calls": [batch, parity]}]
     runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch]} for k in KS]
     runs.append({"name": "true_states", "spec": spec(toy["draft_ts_dir"], 3), "calls": [parity, batch]})
+    runs.append({"name": "draft_vocab", "spec": spec(toy["draft_vocab_dir"], 3), "calls": [parity, batch]})
+    runs.append({"name": "eagle", "spec": spec(eagle_draft["dir"], 3), "calls": [parity, batch]})
     return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))
 
 

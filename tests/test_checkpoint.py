@@ -162,3 +162,42 @@ def test_refuses_missing_files_and_bad_config(ckpt, target_cfg, tmp_path):
 def test_refuses_a_config_that_is_not_a_beagle_config(ckpt, target_cfg, changes, fragments):
     edit_config(ckpt, **changes)
     refused(ckpt, target_cfg, *fragments)
+
+
+def test_reduced_vocabulary_map_round_trips_exactly(toy, target_cfg):
+    cfg, tensors = load_checkpoint(toy["draft_vocab_dir"], target_cfg)
+    saved = toy["draft_vocab"]
+    assert cfg.draft_vocab_size == 1000
+    assert torch.equal(tensors["draft_to_target"], saved.block.draft_to_target)
+    assert torch.equal(tensors["lm_head.weight"], saved.lm_head_weight[saved.block.draft_to_target])
+    loaded = ReferenceDraft.from_checkpoint(toy["draft_vocab_dir"], toy["target"])
+    assert torch.equal(loaded.block.draft_to_target, saved.block.draft_to_target)
+    # Logits over the target's vocabulary: the target's rows where drafted, -inf where never drafted.
+    predicted = torch.randn(2, cfg.hidden_size)
+    logits = loaded.logits(predicted)
+    kept = loaded.block.draft_to_target
+    torch.testing.assert_close(logits[:, kept], predicted @ toy["target"].lm_head.weight[kept].T)
+    outside = torch.ones(cfg.vocab_size, dtype=torch.bool)
+    outside[kept] = False
+    assert torch.isneginf(logits[:, outside]).all()
+
+
+@pytest.mark.parametrize("spoil, fragment", [
+    (lambda t: t.__setitem__("draft_to_target", t["draft_to_target"].float()), "must be int64 token ids"),
+    (lambda t: t["draft_to_target"].__setitem__(0, 32000), "outside the target's vocabulary 0..31999"),
+    (lambda t: t["draft_to_target"].__setitem__(1, int(t["draft_to_target"][0])), "to the same target id"),
+    (lambda t: t.pop("draft_to_target"), "lacks the tensor(s) ['draft_to_target']"),
+    (lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"][:999]), "'lm_head.weight' has shape (999, 128)"),
+])
+def test_bad_token_maps_are_refused(toy, target_cfg, tmp_path, spoil, fragment):
+    path = shutil.copytree(toy["draft_vocab_dir"], str(tmp_path / "beagle-vocab"))
+    edit_tensors(path, spoil)
+    refused(path, target_cfg, fragment)
+
+
+def test_draft_vocab_size_out_of_range_is_refused(toy, target_cfg, tmp_path):
+    path = shutil.copytree(toy["draft_vocab_dir"], str(tmp_path / "beagle-vocab"))
+    with open(os.path.join(path, "config.json")) as f:
+        beagle = json.load(f)["beagle"]
+    edit_config(path, beagle={**beagle, "draft_vocab_size": 40000})
+    refused(path, target_cfg, "draft_vocab_size must be between 1 and vocab_size 32000, got 40000")

@@ -105,3 +105,21 @@ def test_vllm_refuses_bad_checkpoints_with_named_errors(toy, tmp_path):
     assert "method is 'draft_model'" in results["no_method"]["error"]
     assert "--spec-method eagle" in results["no_method"]["error"]
 
+
+
+def test_reduced_vocabulary_is_lossless_and_matches_the_simulator(engines, toy):
+    """Logits over 1,000 draft tokens, returned in the target's vocabulary: lossless, and the simulator
+    (which can never draft the dropped tokens either) still predicts vLLM's counters exactly."""
+    drafted = engines["draft_vocab"]["calls"][1]
+    assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
+    assert toy["draft_vocab_dropped"], "the map must leave out some of the tokens the target says"
+    assert_simulator_predicts(engines, engines["draft_vocab"]["calls"][0], toy["draft_vocab"], toy["target"], 3)
+
+
+def test_eagle_baseline_runs_in_vllms_own_eagle(engines, toy, eagle_draft):
+    """The exported EAGLE-1 baseline loads in vLLM's built-in EagleLlamaForCausalLM (no plugin code), stays
+    lossless, and the trainer's reference of it predicts vLLM's counters exactly: the baseline we compare
+    against is the one vLLM runs."""
+    drafted = engines["eagle"]["calls"][1]
+    assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
+    assert_simulator_predicts(engines, engines["eagle"]["calls"][0], eagle_draft["draft"], toy["target"], 3)

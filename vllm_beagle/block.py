@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schema import STATE_LAYER, BeagleConfig
+from .schema import DRAFT_TO_TARGET, STATE_LAYER, BeagleConfig
 
 # The query's token sits one position after the state of its row.
 QUERY_POSITION_OFFSET = 1
@@ -102,6 +102,10 @@ class BeagleBlock(nn.Module):
         self.mlp = GatedMLP(H, cfg.intermediate_size)
         self.final_norm = RMSNorm(H, cfg.rms_norm_eps) if cfg.state == STATE_LAYER else None
         self.rotary = Rotary(cfg)
+        if cfg.draft_vocab_size is not None:
+            # The draft's own LM head over a reduced vocabulary and the target id of each of its rows.
+            self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
+            self.register_buffer(DRAFT_TO_TARGET, torch.arange(cfg.draft_vocab_size))
 
     def queries(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[..., T, H] token embeddings of the rows -> [..., T, heads, head_dim] rotated queries."""
@@ -123,6 +127,11 @@ class BeagleBlock(nn.Module):
     def logits_input(self, predicted: torch.Tensor) -> torch.Tensor:
         """What the LM head reads: ĥ itself for a post-norm state, the final norm of ĥ for a pre-norm one."""
         return predicted if self.final_norm is None else self.final_norm(predicted)
+
+    def to_target_vocab(self, draft_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Logits over the reduced draft vocabulary -> the target's vocabulary, -inf where never drafted."""
+        full = draft_logits.new_full((*draft_logits.shape[:-1], vocab_size), float("-inf"))
+        return full.index_copy_(-1, getattr(self, DRAFT_TO_TARGET), draft_logits)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

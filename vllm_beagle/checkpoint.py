@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .schema import (
     CONFIG_FILE,
+    DRAFT_TO_TARGET,
     WEIGHTS_FILE,
     BeagleConfig,
     CheckpointError,
@@ -22,7 +23,7 @@ from .schema import (
 
 
 def check_tensors(cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor], checkpoint: str) -> None:
-    """Refuse missing or unexpected tensors, wrong shapes, non-float dtypes and NaN/Inf values."""
+    """Refuse missing or unexpected tensors, wrong shapes, wrong dtypes, NaN/Inf values and a bad token map."""
     required, optional = cfg.tensor_shapes()
     shapes = {**required, **optional}
     missing = sorted(set(required) - set(tensors))
@@ -38,11 +39,24 @@ def check_tensors(cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor], checkp
             raise CheckpointError(
                 checkpoint, f"tensor '{name}' has shape {tuple(t.shape)} but the config needs {shapes[name]}"
             )
+        if name == DRAFT_TO_TARGET:
+            _check_token_map(t, cfg.vocab_size, checkpoint)
+            continue
         if not t.is_floating_point():
             raise CheckpointError(checkpoint, f"tensor '{name}' has dtype {t.dtype}; weights must be floating point")
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise CheckpointError(checkpoint, f"tensor '{name}' holds {bad} NaN/Inf value(s)")
+
+
+def _check_token_map(t: torch.Tensor, vocab_size: int, checkpoint: str) -> None:
+    if t.dtype != torch.int64:
+        raise CheckpointError(checkpoint, f"tensor '{DRAFT_TO_TARGET}' has dtype {t.dtype}; it must be int64 token ids")
+    if len(t) and not (0 <= int(t.min()) and int(t.max()) < vocab_size):
+        raise CheckpointError(checkpoint, f"tensor '{DRAFT_TO_TARGET}' holds ids outside the target's vocabulary "
+                                          f"0..{vocab_size - 1}")
+    if len(torch.unique(t)) != len(t):
+        raise CheckpointError(checkpoint, f"tensor '{DRAFT_TO_TARGET}' maps two draft tokens to the same target id")
 
 
 def read_tensors(path: str) -> dict[str, torch.Tensor]:

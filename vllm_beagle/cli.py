@@ -76,35 +76,60 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.arch != "beagle":
-        raise SystemExit("beagle train: --arch eagle (the EAGLE-1 baseline) is not implemented yet")
     import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .eagle import EagleDraft
     from .reference import ReferenceDraft
     from .schema import BeagleConfig
     from .train.data import state_options
-    from .train.loop import TrainConfig, train
+    from .train.draft_vocab import coverage, draft_vocabulary, token_counts
+    from .train.loop import TrainConfig, last_evaluation, train
     from .train.shards import ShardError, ShardSet
 
+    if args.arch == "eagle" and (args.draft_vocab or args.kv_mode != "concat"):
+        raise SystemExit("beagle train: --arch eagle is vLLM's EAGLE-1, which drafts over the full vocabulary "
+                         "with its own attention: --draft-vocab and --kv-mode do not apply")
+    heldout_dir = args.heldout
+    if heldout_dir is None and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")):
+        heldout_dir = os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
     try:
         data = ShardSet(args.data)
+        heldout = ShardSet(heldout_dir) if heldout_dir else None
     except ShardError as e:
         raise SystemExit(f"beagle train: {e}") from None
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=args.kv_mode, **state_options(data.state))
+    state = state_options(data.state)
+    if args.arch == "eagle" and state != {"state": "final_norm"}:
+        raise SystemExit(f"beagle train: --arch eagle reads the target's final state, but the shards in {args.data} "
+                         f"hold {data.state}; make them with beagle data without --state-layer")
+    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=args.kv_mode,
+                                   draft_vocab_size=args.draft_vocab or None, **state)
     width = data.sequences[0]["states"].shape[-1]
     if width != cfg.hidden_size:
         raise SystemExit(f"beagle train: the shards in {args.data} hold states of width {width}, "
                          f"but the target {args.target} has hidden_size {cfg.hidden_size}")
     train_cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
     torch.manual_seed(args.seed)
-    draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    train(draft, data, args.work_dir or args.out.rstrip("/") + ".train", train_cfg)
-    draft.cfg.training = {"data": os.path.abspath(args.data), "sequences": len(data),
+    cls = EagleDraft if args.arch == "eagle" else ReferenceDraft
+    draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    facts = {}
+    if args.draft_vocab:
+        counts = token_counts(data, cfg.vocab_size)
+        ids = draft_vocabulary(counts, args.draft_vocab)
+        draft.use_draft_vocab(ids)
+        facts["draft_vocab_coverage"] = round(coverage(counts, ids), 4)
+        print(f"beagle train: draft vocabulary of {args.draft_vocab} tokens covers "
+              f"{facts['draft_vocab_coverage']:.1%} of the training targets")
+    work_dir = args.work_dir or args.out.rstrip("/") + ".train"
+    train(draft, data, work_dir, train_cfg, heldout=heldout)
+    evaluation = last_evaluation(work_dir)
+    draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
                           **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "loss"},
+                          **dataclasses.asdict(train_cfg.loss), **facts,
+                          **({"heldout": evaluation} if evaluation else {}),
                           "command": " ".join(["beagle", *sys.argv[1:]])}
     draft.save(args.out)
     print(f"beagle train: wrote {args.out}")
@@ -123,6 +148,8 @@ TRAIN_OPTIONS = {
     "warmup_steps": "linear warm-up steps",
     "seed": "seed of initialisation, order, offsets and noise",
     "save_every": "steps between saved training states",
+    "eval_k": "draft length K of the held-out acceptance measured after every epoch",
+    "eval_sequences": "held-out sequences that measurement reads",
 }
 
 
@@ -200,9 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target", required=True, help="the target model (HF directory)")
     tr.add_argument("--out", required=True, help="checkpoint folder to write (name it beagle-... so that vLLM's "
                                                  "--spec-model shorthand recognises it)")
-    tr.add_argument("--arch", choices=["beagle", "eagle"], default="beagle", help="draft architecture")
+    tr.add_argument("--arch", choices=["beagle", "eagle"], default="beagle",
+                    help="beagle (default), or eagle: the EAGLE-1 baseline, trained on the same data for as many "
+                         "epochs as both Beagle stages and written in the format vLLM's method eagle loads "
+                         "(name its folder eagle-...)")
     tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
                     help="what draft steps attend to at inference (default concat)")
+    tr.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                    help="draft over the N tokens most often predicted in the data, with the draft's own LM head "
+                         "(initialised from the target's rows); 0 = the target's full vocabulary (default)")
+    tr.add_argument("--heldout", default=None, metavar="DIR",
+                    help="held-out shards for the acceptance measured after every epoch "
+                         "(default: a heldout folder beside DATA, if there is one)")
     from .train.loop import TrainConfig
 
     defaults = TrainConfig()

@@ -16,23 +16,64 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .schema import STATE_FINAL_NORM, BeagleConfig
 
 
-class ReferenceDraft(nn.Module):
-    """Beagle block + the target's (frozen) embedding and LM head, attention over a dense K/V set."""
+class Draft(nn.Module):
+    """What every draft the trainer trains shares: a trainable `block`, the target's frozen embedding
+    and LM head, and the draft vocabulary (the target's, or a reduced one with its own LM head)."""
 
-    def __init__(self, cfg: BeagleConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor):
+    arch: str
+
+    def __init__(self, cfg: BeagleConfig, block: nn.Module, embed_weight: torch.Tensor,
+                 lm_head_weight: torch.Tensor):
         super().__init__()
         self.cfg = cfg
-        self.block = BeagleBlock(cfg)
+        self.block = block
         self.register_buffer("embed_weight", embed_weight.detach().clone(), persistent=False)
         self.register_buffer("lm_head_weight", lm_head_weight.detach().clone(), persistent=False)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(tokens, self.embed_weight)
+
+    def use_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Draft over these target tokens; the draft's LM head starts as the target's rows for them."""
+        with torch.no_grad():
+            self.block.draft_to_target.copy_(token_ids)
+            self.block.lm_head.weight.copy_(self.lm_head_weight[token_ids])
+
+    @property
+    def target_rows(self) -> torch.Tensor:
+        """The target's LM head rows of the draft vocabulary: the target's logits over what the draft predicts."""
+        if self.cfg.draft_vocab_size is None:
+            return self.lm_head_weight
+        return self.lm_head_weight[self.block.draft_to_target]
+
+    def draft_logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (what the trainer's loss reads)."""
+        x = self.block.logits_input(predicted)
+        return x @ self.lm_head_weight.T if self.cfg.draft_vocab_size is None else self.block.lm_head(x)
+
+    def logits(self, predicted: torch.Tensor) -> torch.Tensor:
+        """Logits over the target's vocabulary (what drafting takes the argmax of)."""
+        logits = self.draft_logits(predicted)
+        if self.cfg.draft_vocab_size is None:
+            return logits
+        return self.block.to_target_vocab(logits, self.cfg.vocab_size)
+
+
+class ReferenceDraft(Draft):
+    """Beagle block + the target's (frozen) embedding and LM head, attention over a dense K/V set."""
+
+    arch = "beagle"
+
+    def __init__(self, cfg: BeagleConfig, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor):
+        super().__init__(cfg, BeagleBlock(cfg), embed_weight, lm_head_weight)
 
     @classmethod
     def from_checkpoint(cls, path: str, target: nn.Module) -> "ReferenceDraft":
         """Load a checkpoint for an HF target model; embedding and LM head are the target's unless the checkpoint
-        has its own."""
+        has its own (a reduced-vocabulary draft always has its own LM head, which belongs to the block)."""
         cfg, tensors = load_checkpoint(path, target.config.to_dict(), getattr(target.config, "_name_or_path", "target"))
         embed = tensors.pop("embed_tokens.weight", None)
-        lm_head = tensors.pop("lm_head.weight", None)
+        lm_head = tensors.pop("lm_head.weight", None) if cfg.draft_vocab_size is None else None
         draft = cls(
             cfg,
             target.get_input_embeddings().weight if embed is None else embed,
@@ -44,12 +85,6 @@ class ReferenceDraft(nn.Module):
     def save(self, path: str) -> None:
         """The checkpoint holds the block only; embedding and LM head come from the target when served."""
         save_checkpoint(path, self.cfg, self.block.state_dict())
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(tokens, self.embed_weight)
-
-    def logits(self, predicted: torch.Tensor) -> torch.Tensor:
-        return self.block.logits_input(predicted) @ self.lm_head_weight.T
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, states: torch.Tensor,
                 state_positions: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -76,7 +111,7 @@ class ReferenceDraft(nn.Module):
         """
         n = states.shape[0]
         positions = torch.arange(n)
-        predicted = [self(tokens[1:n + 1], positions, states, positions)[-1]]
+        predicted = [self(tokens[n:n + 1], positions[-1:], states, positions)[-1]]
         drafts = [int(self.logits(predicted[-1]).argmax())]
         for step in range(1, k):
             if self.cfg.kv_mode == "concat":

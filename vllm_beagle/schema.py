@@ -30,6 +30,8 @@ METHOD_BY_STATE = {STATE_FINAL_NORM: "eagle", STATE_LAYER: "eagle3"}
 # concat: draft steps also attend to the states the draft predicted in earlier steps (the paper's
 # default); true_states: they attend to the target's true states only (the paper's no-concat mode).
 KV_MODES = ("concat", "true_states")
+# The one integer tensor: the target token id of each row of a reduced draft vocabulary.
+DRAFT_TO_TARGET = "draft_to_target"
 
 
 class CheckpointError(ValueError):
@@ -56,6 +58,9 @@ class BeagleConfig:
     state: str = STATE_FINAL_NORM
     state_layer: int | None = None
     kv_mode: str = "concat"
+    # Drafts over the N most frequent tokens of the training data with their own LM head and map the
+    # result back to the target's ids (tensor `draft_to_target`); None: the target's full vocabulary.
+    draft_vocab_size: int | None = None
     # Free-form facts the trainer records (data size, epochs, command); never read by the model.
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -66,6 +71,9 @@ class BeagleConfig:
             raise ValueError("beagle.state_layer is required with state 'layer' and forbidden otherwise")
         if self.kv_mode not in KV_MODES:
             raise ValueError(f"beagle.kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"beagle.draft_vocab_size must be between 1 and vocab_size {self.vocab_size}, "
+                             f"got {self.draft_vocab_size}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -119,6 +127,7 @@ class BeagleConfig:
                 "state": self.state,
                 "state_layer": self.state_layer,
                 "kv_mode": self.kv_mode,
+                "draft_vocab_size": self.draft_vocab_size,
                 "training": self.training,
             },
         }
@@ -155,6 +164,7 @@ class BeagleConfig:
                 state=beagle.get("state", STATE_FINAL_NORM),
                 state_layer=beagle.get("state_layer"),
                 kv_mode=beagle.get("kv_mode", "concat"),
+                draft_vocab_size=beagle.get("draft_vocab_size"),
                 training=dict(beagle.get("training") or {}),
             )
         except KeyError as e:
@@ -190,6 +200,10 @@ class BeagleConfig:
             required["final_norm.weight"] = (H,)
         # Absent means "use the target's": that is how a draft stays a few MB.
         optional = {"embed_tokens.weight": (self.vocab_size, H), "lm_head.weight": (self.vocab_size, H)}
+        if self.draft_vocab_size is not None:
+            del optional["lm_head.weight"]
+            required["lm_head.weight"] = (self.draft_vocab_size, H)
+            required[DRAFT_TO_TARGET] = (self.draft_vocab_size,)
         return required, optional
 
 

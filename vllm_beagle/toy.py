@@ -1,4 +1,4 @@
-"""A tiny Llama target and a Beagle draft for it, built from nothing in seconds.
+"""A tiny Llama target and drafts for it (Beagle, and the EAGLE-1 baseline), built from nothing in seconds.
 
 Tests and the demo need a target with real saved weights (vLLM's dummy loader makes acceptance
 meaningless) and a draft that is right often but not always, so that acceptance can tell
@@ -20,6 +20,7 @@ import tempfile
 
 import torch
 
+from .eagle import EagleDraft
 from .reference import ReferenceDraft
 from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
 
@@ -53,27 +54,54 @@ def build_target(out: str, seed: int = 0, hidden: int = 128, layers: int = 2, he
     return out
 
 
+def _random_init(block: torch.nn.Module, gen: torch.Generator, attn_std: float, out_std: float,
+                 mlp_std: float) -> None:
+    """Random weights, small where they write into the residual so that a row's output stays near its
+    token's embedding; norm weights stay 1."""
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            std = out_std if name.endswith("o_proj.weight") else mlp_std if "mlp." in name else attn_std
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
 def build_draft(target, out: str | None = None, seed: int = 0, state_layer: int | None = None,
                 kv_mode: str = "concat", attn_std: float = 0.3, out_std: float = 0.004,
-                mlp_std: float = 0.02) -> ReferenceDraft:
+                mlp_std: float = 0.02, draft_vocab: torch.Tensor | None = None) -> ReferenceDraft:
     """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
 
     `state_layer` None reads the final post-norm state (method eagle), an int reads that aux layer
-    (method eagle3). Saved to `out` when given.
+    (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. Saved to `out` when given.
     """
     beagle = {"state": STATE_FINAL_NORM} if state_layer is None else {"state": STATE_LAYER, "state_layer": state_layer}
     beagle["kv_mode"] = kv_mode
+    if draft_vocab is not None:
+        beagle["draft_vocab_size"] = len(draft_vocab)
     cfg = BeagleConfig.from_target(target.config.to_dict(), **beagle)
     draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in draft.block.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            std = out_std if name == "o_proj.weight" else mlp_std if name.startswith("mlp.") else attn_std
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-        if draft.block.final_norm is not None:
+    _random_init(draft.block, torch.Generator().manual_seed(seed), attn_std, out_std, mlp_std)
+    if draft.block.final_norm is not None:
+        with torch.no_grad():
             draft.block.final_norm.weight.copy_(target.model.norm.weight)
+    if draft_vocab is not None:
+        draft.use_draft_vocab(draft_vocab)
+    if out is not None:
+        draft.save(out)
+    return draft
+
+
+def build_eagle_draft(target, out: str | None = None, seed: int = 0, attn_std: float = 0.3, out_std: float = 0.004,
+                      mlp_std: float = 0.02, state_std: float = 0.02) -> EagleDraft:
+    """An EAGLE-1 baseline for an HF target model, near-identity like build_draft: the fusion layer passes the
+    token embedding through and mixes a little of the state in. Saved (vLLM's EAGLE format) to `out` when given."""
+    cfg = BeagleConfig.from_target(target.config.to_dict())
+    draft = EagleDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    gen = torch.Generator().manual_seed(seed)
+    _random_init(draft.block, gen, attn_std, out_std, mlp_std)
+    H = cfg.hidden_size
+    with torch.no_grad():
+        draft.block.fc.weight.copy_(torch.cat([torch.eye(H), torch.randn(H, H, generator=gen) * state_std], dim=1))
     if out is not None:
         draft.save(out)
     return draft

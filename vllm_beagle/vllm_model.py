@@ -107,7 +107,12 @@ class EagleBeagleLlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        block = self.model.block
+        if self.beagle_config.draft_vocab_size is None:
+            return self.logits_processor(self.lm_head, hidden_states)
+        # Logits over the draft vocabulary, returned in the target's: the rejection sampler and the
+        # metrics see ordinary logits, and a token outside the draft vocabulary is never drafted.
+        return block.to_target_vocab(block.lm_head(hidden_states), self.beagle_config.vocab_size)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         tensors = dict(weights)
@@ -117,7 +122,7 @@ class EagleBeagleLlamaForCausalLM(nn.Module):
             if name == "embed_tokens.weight":
                 self.has_own_embed_tokens = True
                 param = self.model.embed_tokens.weight
-            elif name == "lm_head.weight":
+            elif name == "lm_head.weight" and self.beagle_config.draft_vocab_size is None:
                 self.has_own_lm_head = True
                 param = self.lm_head.weight
             else:

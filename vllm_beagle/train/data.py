@@ -60,25 +60,31 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
                   progress: bool = True) -> dict:
     """Prompts (first user turns of a ShareGPT file) -> target responses (greedy, vLLM) -> shards.
 
-    Writes `train/` and `heldout/` shard folders, `responses.json` and `summary.json` under `out`, and
-    returns the summary: how many records were read, skipped as malformed, skipped as too long, and
-    how many sequences each split holds.
+    Records are read until `num_prompts` usable prompts are found (or the file ends). Writes `train/` and `heldout/` shard folders, `responses.json` and `summary.json` under `out`, and
+    returns the summary: how many records were read, skipped as malformed, skipped as too long, where
+    the file stopped being valid JSON (if it did), and how many sequences each split holds.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import sharegpt
 
     path = dataset or sharegpt.default_path()
-    texts, malformed = sharegpt.first_user_turns(path)
+    records = sharegpt.ShareGPTReader(path)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    prompts, too_long = [], 0
-    for text in texts[:num_prompts]:
+    prompts, read, malformed, too_long = [], 0, 0, 0
+    for text in records:
+        read += 1
+        if text is None:
+            malformed += 1
+            continue
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True, return_dict=False)
         if len(ids) > max_prompt_len:
             too_long += 1
-        else:
-            prompts.append(list(ids))
+            continue
+        prompts.append(list(ids))
+        if len(prompts) == num_prompts:
+            break
     if not prompts:
         raise ValueError(f"no usable prompt in {path}: {malformed} malformed, {too_long} longer than {max_prompt_len}")
     os.makedirs(out, exist_ok=True)
@@ -90,8 +96,8 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
     write_examples(target, cfg, sequences[:split], os.path.join(out, "train"), shard_size, progress)
     if split < len(sequences):
         write_examples(target, cfg, sequences[split:], os.path.join(out, "heldout"), shard_size, progress)
-    summary = {"dataset": os.path.abspath(path), "records_read": len(texts) + malformed, "skipped_malformed": malformed,
-               "skipped_too_long": too_long, "train_sequences": split, "heldout_sequences": len(sequences) - split,
+    summary = {"dataset": os.path.abspath(path), "records_read": read, "skipped_malformed": malformed,
+               "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": split, "heldout_sequences": len(sequences) - split,
                "state": state_name(cfg), "max_new_tokens": max_new_tokens}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

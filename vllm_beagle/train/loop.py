@@ -8,16 +8,19 @@ would have taken. The training state is saved atomically every `save_every` step
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import torch
 from tqdm import tqdm
 
-from ..reference import ReferenceDraft
-from .objective import LossConfig, stage1_loss, stage2_losses
+from ..reference import Draft
+from .evaluate import offline_acceptance
+from .objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss
 from .shards import ShardSet
 
 STATE_FILE = "train_state.pt"
+EVAL_FILE = "eval.jsonl"
 
 
 @dataclasses.dataclass
@@ -34,6 +37,8 @@ class TrainConfig:
     max_grad_norm: float = 0.5
     seed: int = 0
     save_every: int = 200
+    eval_k: int = 3
+    eval_sequences: int = 16
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
 
@@ -50,12 +55,13 @@ def _batch_indices(data: ShardSet, cfg: TrainConfig, epoch: int, index: int) -> 
     return order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
 
 
-def train(draft: ReferenceDraft, data: ShardSet, work_dir: str, cfg: TrainConfig,
-          stop_after: int | None = None, progress: bool = True) -> ReferenceDraft:
+def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_after: int | None = None,
+          progress: bool = True, heldout: ShardSet | None = None) -> Draft:
     """Train `draft` in place, resuming from `work_dir` when it holds a saved state.
 
     `stop_after` ends the run after that many steps of this call (the state is saved first), as an
-    interruption would; calling train again resumes.
+    interruption would; calling train again resumes. With `heldout`, the offline acceptance of
+    greedy drafting with K = eval_k is measured after every epoch and appended to eval.jsonl.
     """
     os.makedirs(work_dir, exist_ok=True)
     params = list(draft.block.parameters())
@@ -72,16 +78,11 @@ def train(draft: ReferenceDraft, data: ShardSet, work_dir: str, cfg: TrainConfig
             offset = int(torch.randint(cfg.window, (1,), generator=_generator(cfg.seed, 2, step)))
             noise = _generator(cfg.seed, 3, step)
             optimizer.zero_grad(set_to_none=True)
+            shown = 0.0
             with torch.enable_grad():
-                if epoch < cfg.stage1_epochs:
-                    loss = stage1_loss(draft, batch, cfg.window, offset, cfg.loss, noise)
+                for loss in _losses(draft, batch, epoch, offset, noise, cfg):
                     loss.backward()
-                    shown = float(loss.detach())
-                else:
-                    shown = 0.0
-                    for loss, _ in stage2_losses(draft, batch, cfg.window, offset, cfg.sim_steps, cfg.loss, noise):
-                        loss.backward()
-                        shown += float(loss.detach())
+                    shown += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -91,9 +92,41 @@ def train(draft: ReferenceDraft, data: ShardSet, work_dir: str, cfg: TrainConfig
             bar.set_postfix(stage=1 if epoch < cfg.stage1_epochs else 2, loss=f"{shown:.3f}")
             if step % cfg.save_every == 0 or step == total or done_now == stop_after:
                 _save_state(work_dir, draft, optimizer, scheduler, step)
+            if heldout is not None and step % per_epoch == 0:
+                _evaluate(draft, heldout, work_dir, cfg, step, step // per_epoch, bar)
             if done_now == stop_after:
                 break
     return draft
+
+
+def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator, cfg: TrainConfig):
+    """The losses of one step, to be backpropagated one by one (stage 2 keeps one step's activations)."""
+    if draft.arch == "eagle":  # EAGLE-1's own recipe, for as many epochs as both of Beagle's stages
+        yield teacher_forced_loss(draft, batch, cfg.loss, noise)
+    elif epoch < cfg.stage1_epochs:
+        yield stage1_loss(draft, batch, cfg.window, offset, cfg.loss, noise)
+    else:
+        for loss, _ in stage2_losses(draft, batch, cfg.window, offset, cfg.sim_steps, cfg.loss, noise):
+            yield loss
+
+
+def _evaluate(draft: Draft, heldout: ShardSet, work_dir: str, cfg: TrainConfig, step: int, epoch: int, bar) -> None:
+    result = {"step": step, "epoch": epoch, "k": cfg.eval_k,
+              **offline_acceptance(draft, heldout, cfg.eval_k, cfg.eval_sequences)}
+    with open(os.path.join(work_dir, EVAL_FILE), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    rates = " ".join(f"{r:.2f}" for r in result["per_position"])
+    bar.write(f"epoch {epoch}: held-out tau {result['tau']:.2f} at K = {cfg.eval_k} (per position {rates})")
+
+
+def last_evaluation(work_dir: str) -> dict | None:
+    """The newest line of eval.jsonl, or None when the run measured nothing."""
+    path = os.path.join(work_dir, EVAL_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    return json.loads(lines[-1]) if lines else None
 
 
 def _save_state(work_dir, draft, optimizer, scheduler, step) -> None:

@@ -6,7 +6,8 @@ next-token distribution with the shared LM head instead of storing it). Row p = 
 predicts the state at position p + 1 and the distribution of t_{p+2}; it is supervised where
 loss_mask[p + 1] is set (the token t_{p+2} belongs to a response).
 
-Each supervised prediction costs soft cross-entropy against the target's distribution plus
+Each supervised prediction costs soft cross-entropy against the target's distribution (renormalised over
+the draft's vocabulary when that is reduced) plus
 `regression_weight` times a smooth-L1 regression onto the target's state. Gaussian noise of
 `noise_std` is added to the true states the draft attends to (never to the targets).
 """
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..reference import ReferenceDraft
+from ..reference import Draft, ReferenceDraft
 from .masks import exact_rows, stage1_mask, stage2_mask
 
 
@@ -49,13 +50,14 @@ def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator |
     return keys.to(batch.states.dtype)
 
 
-def _row_losses(draft: ReferenceDraft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig) -> torch.Tensor:
+def _row_losses(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig) -> torch.Tensor:
     """[B, R] loss of each row's prediction (state and distribution at position p + 1)."""
     target_states = batch.states[:, 1:].to(predicted.dtype)
     final = (batch.final if batch.final is not None else batch.states)[:, 1:].to(predicted.dtype)
     with torch.no_grad():
-        target_probs = torch.softmax((final @ draft.lm_head_weight.T).float(), dim=-1)
-    log_probs = torch.log_softmax(draft.logits(predicted).float(), dim=-1)
+        # Over a reduced draft vocabulary: the target's distribution renormalised over the kept tokens.
+        target_probs = torch.softmax((final @ draft.target_rows.T).float(), dim=-1)
+    log_probs = torch.log_softmax(draft.draft_logits(predicted).float(), dim=-1)
     cross_entropy = -(target_probs * log_probs).sum(-1)
     regression = F.smooth_l1_loss(predicted.float(), target_states.float(), reduction="none").mean(-1)
     return cross_entropy + cfg.regression_weight * regression
@@ -64,6 +66,14 @@ def _row_losses(draft: ReferenceDraft, predicted: torch.Tensor, batch: TrainBatc
 def _mean_over(losses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Mean of losses [B, R] over the selected rows (bool [B, R]); 0 with a graph when none is selected."""
     return (losses * rows).sum() / rows.sum().clamp_min(1)
+
+
+def teacher_forced_loss(draft: Draft, batch: TrainBatch, cfg: LossConfig,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """EAGLE-1's objective: every row reads its true (noisy) state and attends causally to the rows before."""
+    rows = torch.arange(batch.num_rows, device=batch.tokens.device)
+    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator))
+    return _mean_over(_row_losses(draft, predicted, batch, cfg), batch.loss_mask[:, 1:])
 
 
 def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,

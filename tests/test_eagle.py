@@ -1,0 +1,57 @@
+"""The EAGLE-1 baseline: its export is the format vLLM's EagleLlamaForCausalLM loads, and its chain
+drafting (which computes only the newest row) equals a full causal pass over all rows."""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from vllm_beagle.eagle import EagleDraft
+
+# vLLM's EAGLE-1 tensor names (llama_eagle.py; no `model.` prefix, no input_layernorm in layer 0).
+VLLM_EAGLE_NAMES = {
+    "fc.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.weight",
+    "layers.0.self_attn.v_proj.weight", "layers.0.self_attn.o_proj.weight", "layers.0.mlp.gate_proj.weight",
+    "layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight", "layers.0.post_attention_layernorm.weight",
+}
+
+
+def random_eagle(toy, seed=0):
+    torch.manual_seed(seed)
+    draft = EagleDraft(toy["draft"].cfg, toy["draft"].embed_weight, toy["draft"].lm_head_weight)
+    with torch.no_grad():
+        for name, p in draft.block.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.normal_(0.0, 0.1)
+    return draft
+
+
+def test_export_is_vllms_eagle_format_and_loads_back(toy, tmp_path):
+    draft = random_eagle(toy)
+    draft.cfg.training = {"arch": "eagle"}
+    draft.save(str(tmp_path / "eagle-x"))
+    tensors = load_file(str(tmp_path / "eagle-x" / "model.safetensors"))
+    assert set(tensors) == VLLM_EAGLE_NAMES
+    H = toy["draft"].cfg.hidden_size
+    assert tensors["fc.weight"].shape == (H, 2 * H)
+    with open(os.path.join(tmp_path, "eagle-x", "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 1
+    assert "beagle" not in config and config["training"] == {"arch": "eagle"}
+    loaded = EagleDraft.from_checkpoint(str(tmp_path / "eagle-x"), toy["target"])
+    for name, t in draft.block.state_dict().items():
+        assert torch.equal(t, loaded.block.state_dict()[name]), name
+
+
+def test_chain_drafting_equals_full_causal_passes(toy):
+    draft = random_eagle(toy, seed=1)
+    tokens = torch.randint(3, 32000, (12,), generator=torch.Generator().manual_seed(2))
+    states = torch.randn(11, toy["draft"].cfg.hidden_size)
+    drafts, predicted = draft.draft_chain(tokens, states, 3)
+    rows, row_states = tokens[1:], states
+    for step in range(3):
+        full = draft(rows, torch.arange(len(rows)), row_states)[-1]  # every row's output, keep the last
+        torch.testing.assert_close(full, predicted[step], rtol=1e-5, atol=1e-5)
+        assert int(draft.logits(full).argmax()) == drafts[step]
+        rows, row_states = torch.cat([rows, torch.tensor([drafts[step]])]), torch.cat([row_states, full[None]])

@@ -1,0 +1,30 @@
+"""A reduced draft vocabulary: the target tokens the draft most often has to predict in its training data."""
+
+from __future__ import annotations
+
+import torch
+
+from .shards import ShardSet
+
+
+def token_counts(data: ShardSet, vocab_size: int) -> torch.Tensor:
+    """How often each target token is a supervised prediction target in the data, [vocab_size]."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for seq in data.sequences:
+        ids, mask = seq["input_ids"].long(), seq["loss_mask"].bool()
+        # Row p predicts t_{p+2} where loss_mask[p + 1]: the targets are the t_j with loss_mask[j - 1].
+        counts += torch.bincount(ids[1:][mask[:-1]], minlength=vocab_size)
+    return counts
+
+
+def draft_vocabulary(counts: torch.Tensor, size: int) -> torch.Tensor:
+    """The ids of the `size` most frequent tokens (ties to the lower id), in ascending order."""
+    if not 0 < size <= len(counts):
+        raise ValueError(f"a draft vocabulary must hold 1 to {len(counts)} tokens, got {size}")
+    order = torch.argsort(counts, descending=True, stable=True)
+    return order[:size].sort().values
+
+
+def coverage(counts: torch.Tensor, token_ids: torch.Tensor) -> float:
+    """The share of prediction targets that the draft vocabulary can express."""
+    return float(counts[token_ids].sum() / counts.sum().clamp_min(1))
