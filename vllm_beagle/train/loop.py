@@ -56,33 +56,45 @@ def _batch_indices(data: ShardSet, cfg: TrainConfig, epoch: int, index: int) -> 
 
 
 def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_after: int | None = None,
-          progress: bool = True, heldout: ShardSet | None = None) -> Draft:
+          progress: bool = True, heldout: ShardSet | None = None, device: str = "cpu") -> Draft:
     """Train `draft` in place, resuming from `work_dir` when it holds a saved state.
 
     `stop_after` ends the run after that many steps of this call (the state is saved first), as an
     interruption would; calling train again resumes. With `heldout`, the offline acceptance of
     greedy drafting with K = eval_k is measured after every epoch and appended to eval.jsonl.
+
+    Under torchrun (WORLD_SIZE > 1) every process trains the same draft on its share of each batch
+    and gradients are averaged across processes before each optimiser step (gloo on CPU, NCCL on
+    GPU); only rank 0 writes the training state and measures held-out acceptance.
     """
+    rank, world = _init_distributed(device)
+    draft.to(device)
     os.makedirs(work_dir, exist_ok=True)
     params = list(draft.block.parameters())
+    for p in params:  # gradients exist from the start: a process without sequences in a step adds zeros
+        p.grad = torch.zeros_like(p)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     per_epoch = _steps_per_epoch(data, cfg)
     total = per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs)
-    step = _load_state(work_dir, draft, optimizer, scheduler)
+    step = _load_state(work_dir, draft, optimizer, scheduler, device)
     done_now = 0
-    with tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress) as bar:
+    with tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or rank != 0) as bar:
         while step < total:
             epoch, index = divmod(step, per_epoch)
-            batch = data.batch(_batch_indices(data, cfg, epoch, index), cfg.max_len)
+            indices = _batch_indices(data, cfg, epoch, index)[rank::world]
             offset = int(torch.randint(cfg.window, (1,), generator=_generator(cfg.seed, 2, step)))
-            noise = _generator(cfg.seed, 3, step)
-            optimizer.zero_grad(set_to_none=True)
+            noise = _generator(cfg.seed, 3, step, rank)
+            optimizer.zero_grad(set_to_none=False)
             shown = 0.0
-            with torch.enable_grad():
-                for loss in _losses(draft, batch, epoch, offset, noise, cfg):
-                    loss.backward()
-                    shown += float(loss.detach())
+            if indices:
+                batch = data.batch(indices, cfg.max_len).to(device)
+                with torch.enable_grad():
+                    for loss in _losses(draft, batch, epoch, offset, noise, cfg):
+                        loss.backward()
+                        shown += float(loss.detach())
+            if world > 1:
+                _average_gradients(params, world)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -90,13 +102,38 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
             done_now += 1
             bar.update(1)
             bar.set_postfix(stage=1 if epoch < cfg.stage1_epochs else 2, loss=f"{shown:.3f}")
-            if step % cfg.save_every == 0 or step == total or done_now == stop_after:
+            if rank == 0 and (step % cfg.save_every == 0 or step == total or done_now == stop_after):
                 _save_state(work_dir, draft, optimizer, scheduler, step)
-            if heldout is not None and step % per_epoch == 0:
+            if rank == 0 and heldout is not None and step % per_epoch == 0:
                 _evaluate(draft, heldout, work_dir, cfg, step, step // per_epoch, bar)
             if done_now == stop_after:
                 break
     return draft
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): (0, 1) unless started by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _average_gradients(params: list[torch.Tensor], world: int) -> None:
+    # By hand rather than through DistributedDataParallel: the losses call the block's parts
+    # (queries, keys_values, output) directly, and stage 2 backpropagates several losses per step,
+    # neither of which DDP's forward-hooked reducer follows. One flat all-reduce per step.
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
 
 
 def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator, cfg: TrainConfig):
@@ -136,11 +173,11 @@ def _save_state(work_dir, draft, optimizer, scheduler, step) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _load_state(work_dir, draft, optimizer, scheduler) -> int:
+def _load_state(work_dir, draft, optimizer, scheduler, device) -> int:
     path = os.path.join(work_dir, STATE_FILE)
     if not os.path.exists(path):
         return 0
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location=device)
     draft.block.load_state_dict(state["block"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -31,6 +31,9 @@ class TrainBatch:
     loss_mask: torch.Tensor  # [B, T] bool, position j's state and next token are supervised
     final: torch.Tensor | None = None  # [B, T, H], the target's final post-norm states if not `states`
 
+    def to(self, device) -> "TrainBatch":
+        return TrainBatch(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+
     @property
     def num_rows(self) -> int:
         return self.tokens.shape[1] - 1
@@ -45,8 +48,8 @@ class LossConfig:
 def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
     keys = batch.states[:, :batch.num_rows].float()
     if cfg.noise_std:
-        noise = torch.randn(keys.shape, generator=generator, device=keys.device) * cfg.noise_std
-        keys = keys + noise
+        # Drawn on the CPU from a seeded generator: the same noise on any device.
+        keys = keys + (torch.randn(keys.shape, generator=generator) * cfg.noise_std).to(keys.device)
     return keys.to(batch.states.dtype)
 
 

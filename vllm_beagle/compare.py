@@ -1,0 +1,54 @@
+"""Plain decoding and drafts side by side in vLLM, measured in one run: `beagle eval`, the demo and
+the benchmarks all report through here.
+
+Engines run one after the other in this process (never two at once on a small machine), each with a
+warm-up request first. Speeds are output tokens per second of wall time over the whole prompt set.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .offline import generate, make_llm, shutdown
+
+
+def chat_token_ids(target: str, prompts: list[list[dict]]) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
+            for m in prompts]
+
+
+def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[int]], max_tokens: int,
+                temperature: float = 0.0, batch_size: int = 1) -> dict[str, dict[str, Any]]:
+    """generate() results per engine; `specs` maps a name to a speculative config (None: plain)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    max_model_len = max(map(len, prompts)) + max_tokens + 8
+    results = {}
+    for name, spec in specs.items():
+        llm = make_llm(target, spec, max_num_seqs=batch_size, max_model_len=max_model_len)
+        generate(llm, prompts[:1], 8, temperature)  # warm-up, not measured
+        results[name] = generate(llm, prompts, max_tokens, temperature)
+        shutdown(llm)
+        del llm
+    return results
+
+
+def summarize(results: dict[str, dict[str, Any]], plain: str = "plain") -> dict[str, dict[str, Any]]:
+    """Per engine: tau, per-position acceptance, output tokens/s, speed-up over `plain`, identical outputs."""
+    base = results[plain]
+    base_speed = base["num_output_tokens"] / base["seconds"]
+    summary = {}
+    for name, r in results.items():
+        speed = r["num_output_tokens"] / r["seconds"]
+        entry = {"tokens_per_s": speed, "speedup": speed / base_speed, "output_tokens": r["num_output_tokens"],
+                 "identical_outputs": sum(a == b for a, b in zip(r["outputs"], base["outputs"])),
+                 "prompts": len(r["outputs"])}
+        if name != plain:
+            entry.update(tau=r["spec"]["tau"], per_position=r["spec"]["per_position_rate"],
+                         num_drafts=r["spec"]["num_drafts"], num_accepted_tokens=r["spec"]["num_accepted_tokens"])
+        summary[name] = entry
+    return summary
