@@ -75,3 +75,32 @@ def test_held_out_acceptance_is_logged_every_epoch(toy, shards, tmp_path):
     rates = last["per_position"]
     assert all(a >= b for a, b in zip(rates, rates[1:])) and abs(last["tau"] - 1 - sum(rates)) < 1e-9
     assert last == {"step": last["step"], "epoch": 2, "k": 3, **offline_acceptance(draft, shards, 3)}
+
+
+def test_two_processes_under_torchrun_reach_the_weights_of_one(toy, shards, tmp_path):
+    """torchrun with gloo: two processes, each with half of every batch and gradients averaged, end with the
+    weights one process reaches (noise off; every toy sequence has as many supervised rows, so the mean of
+    the two halves' losses is the whole batch's)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import BEAGLE
+
+    args = ["train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--window", "3",
+            "--sim-steps", "2", "--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "8", "--lr", "3e-3",
+            "--warmup-steps", "2", "--noise-std", "0", "--device", "cpu"]
+    one, two = str(tmp_path / "beagle-one"), str(tmp_path / "beagle-two")
+    for cmd in ([BEAGLE, *args, "--out", one],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "-m", "vllm_beagle.cli", *args, "--out", two]):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    a, b = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    start = fresh_draft(toy).block.q_proj.weight  # how the CLI initialises with seed 0
+    assert (a["q_proj.weight"] - start).abs().max() > 1e-3  # it trained

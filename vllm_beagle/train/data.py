@@ -1,7 +1,8 @@
 """Training data: chat prompts, the target's own responses (through vLLM), and shards of target states.
 
-`build_dataset` is `beagle data`: every stage keeps what it finished on disk (responses in one file
-written whole, shards one by one), so an interrupted run resumes where it stopped.
+`build_dataset` is `beagle data`: every stage keeps what it finished on disk (responses chunk by
+chunk, shards one by one, each file written whole under a temporary name and renamed), so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
         raise ValueError(f"no usable prompt in {path}: {malformed} malformed, {too_long} longer than {max_prompt_len}")
     os.makedirs(out, exist_ok=True)
     responses = _target_responses(target_dir, prompts, max_prompt_len + max_new_tokens, max_new_tokens,
-                                  os.path.join(out, "responses.json"))
+                                  os.path.join(out, "responses.json"), progress=progress)
     sequences = [(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(prompts, responses)]
     split = len(sequences) - min(heldout, len(sequences) - 1)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
@@ -105,19 +106,27 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
 
 
 def _target_responses(target_dir: str, prompts: list[list[int]], max_model_len: int, max_new_tokens: int,
-                      path: str) -> list[list[int]]:
-    """The target's greedy responses, generated once: kept in `path` for a resumed run."""
+                      path: str, chunk: int = 128, progress: bool = True) -> list[list[int]]:
+    """The target's greedy responses, generated in chunks; `path` holds every finished chunk, so an
+    interrupted run generates only what is missing."""
+    done = []
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved["prompts"] == prompts:
-            return saved["responses"]
+        if saved["prompts"] == prompts[:len(saved["prompts"])]:
+            done = saved["responses"]
+    if len(done) == len(prompts):
+        return done
     from ..offline import generate, make_llm, shutdown
 
     llm = make_llm(target_dir, max_model_len=max_model_len, max_num_seqs=64)
-    responses = generate(llm, prompts, max_new_tokens)["outputs"]
+    with tqdm(total=len(prompts), initial=len(done), desc="target responses", unit="prompt",
+              disable=not progress) as bar:
+        while len(done) < len(prompts):
+            done += generate(llm, prompts[len(done):len(done) + chunk], max_new_tokens)["outputs"]
+            with open(path + ".tmp", "w") as f:
+                json.dump({"prompts": prompts[:len(done)], "responses": done}, f)
+            os.replace(path + ".tmp", path)
+            bar.update(len(done) - bar.n)
     shutdown(llm)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"prompts": prompts, "responses": responses}, f)
-    os.replace(path + ".tmp", path)
-    return responses
+    return done
