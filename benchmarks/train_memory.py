@@ -1,6 +1,8 @@
-"""Peak memory and step time of Beagle's stage-2 training for s = 1..5 simulation steps, and of stage 1.
+"""Peak memory and step time of Beagle's stage-2 training for s = 1..5 simulation steps, of stage 1, and
+of the EAGLE-1 baseline on the same batch.
 
     python benchmarks/train_memory.py [--hidden 576 --heads 9 --kv-heads 3 --vocab 49152 --batch 4 --seq 1024]
+                                      [--draft-vocab N]
 
 A random draft and random target states of the given shape (SmolLM2-135M's by default) stand in for
 real data: memory and time do not depend on the values. On a GPU it reports torch's peak allocated
@@ -12,6 +14,7 @@ step, so its peak memory should not grow with s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -21,9 +24,16 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from vllm_beagle.eagle import EagleDraft  # noqa: E402
 from vllm_beagle.reference import ReferenceDraft  # noqa: E402
 from vllm_beagle.schema import BeagleConfig  # noqa: E402
-from vllm_beagle.train.objective import LossConfig, TrainBatch, stage1_loss, stage2_losses  # noqa: E402
+from vllm_beagle.train.objective import (  # noqa: E402
+    LossConfig,
+    TrainBatch,
+    stage1_loss,
+    stage2_losses,
+    teacher_forced_loss,
+)
 
 
 def main() -> int:
@@ -37,6 +47,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--window", type=int, default=5)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--draft-vocab", type=int, default=0, help="Beagle's reduced draft vocabulary (0: full)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -45,41 +56,50 @@ def main() -> int:
                        rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
                        max_position_embeddings=8192)
     embed = torch.randn(args.vocab, args.hidden) * 0.02
-    draft = ReferenceDraft(cfg, embed, embed).to(device)
-    optimizer = torch.optim.AdamW(draft.block.parameters(), lr=1e-5)
+    beagle = ReferenceDraft(dataclasses.replace(cfg, draft_vocab_size=args.draft_vocab or None), embed, embed)
+    if args.draft_vocab:
+        beagle.use_draft_vocab(torch.arange(args.draft_vocab))
+    # The baseline is vLLM's EAGLE-1, which has no reduced vocabulary.
+    drafts = {"beagle": beagle.to(device), "eagle": EagleDraft(cfg, embed, embed).to(device)}
+    optimizers = {name: torch.optim.AdamW(d.block.parameters(), lr=1e-5) for name, d in drafts.items()}
     batch = TrainBatch(torch.randint(args.vocab, (args.batch, args.seq), device=device),
                        torch.randn(args.batch, args.seq, args.hidden, device=device),
                        torch.ones(args.batch, args.seq, dtype=torch.bool, device=device))
     loss_cfg = LossConfig()
 
-    def step(steps: int | None):
+    def step(kind):
+        draft = drafts["eagle" if kind == "eagle" else "beagle"]
+        optimizer = optimizers["eagle" if kind == "eagle" else "beagle"]
         optimizer.zero_grad(set_to_none=True)
-        if steps is None:
+        if kind == "eagle":
+            teacher_forced_loss(draft, batch, loss_cfg).backward()
+        elif kind == "stage 1":
             stage1_loss(draft, batch, args.window, 0, loss_cfg).backward()
         else:
-            for loss, _ in stage2_losses(draft, batch, args.window, 0, steps, loss_cfg):
+            for loss, _ in stage2_losses(draft, batch, args.window, 0, kind, loss_cfg):
                 loss.backward()
         optimizer.step()
 
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; draft hidden {args.hidden}, "
-          f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab}; batch {args.batch} x {args.seq} positions, "
+          f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab} (Beagle drafts over "
+          f"{args.draft_vocab or args.vocab}); batch {args.batch} x {args.seq} positions, "
           f"window {args.window}\n")
     print("| training | peak memory (GiB) | step time (ms) |\n|---|---|---|")
     with torch.enable_grad():
-        for steps in [None] + list(range(1, args.window + 1)):
-            step(steps)  # warm-up
+        for kind in ["stage 1", *range(1, args.window + 1), "eagle"]:
+            step(kind)  # warm-up
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             times = []
             for _ in range(args.runs):
                 start = time.perf_counter()
-                step(steps)
+                step(kind)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) * 1e3)
             peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device == "cuda" else "-"
-            name = "stage 1" if steps is None else f"stage 2, s = {steps}"
+            name = {"stage 1": "Beagle stage 1", "eagle": "EAGLE-1 baseline"}.get(kind, f"Beagle stage 2, s = {kind}")
             print(f"| {name} | {peak} | {statistics.median(times):.1f} |", flush=True)
     return 0
 

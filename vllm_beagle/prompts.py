@@ -38,9 +38,9 @@ def _mtbench_file() -> str:
 
 
 def _sharegpt_tail() -> list[list[dict]]:
-    from .train.sharegpt import ShareGPTReader, default_path
+    from .train.sharegpt import ShareGPTReader, default_path, first_user_turn
 
-    turns = [t for t in ShareGPTReader(default_path()) if t is not None]
+    turns = [t for t in map(first_user_turn, ShareGPTReader(default_path())) if t is not None]
     return [[{"role": "user", "content": t}] for t in turns[-SHAREGPT_HELDOUT:]]
 
 

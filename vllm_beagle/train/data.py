@@ -73,8 +73,9 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
     records = sharegpt.ShareGPTReader(path)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     prompts, read, malformed, too_long = [], 0, 0, 0
-    for text in records:
+    for record in records:
         read += 1
+        text = sharegpt.first_user_turn(record)
         if text is None:
             malformed += 1
             continue

