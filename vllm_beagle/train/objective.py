@@ -53,22 +53,25 @@ def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator |
     return keys.to(batch.states.dtype)
 
 
-def _row_losses(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig) -> torch.Tensor:
-    """[B, R] loss of each row's prediction (state and distribution at position p + 1)."""
-    target_states = batch.states[:, 1:].to(predicted.dtype)
-    final = (batch.final if batch.final is not None else batch.states)[:, 1:].to(predicted.dtype)
+def _loss(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig, selected: torch.Tensor,
+          rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean loss of the selected predictions (state and distribution at position p + 1 of row p).
+
+    predicted: [B, R', H] for the rows `rows` (default: all R rows); selected: [B, R'] bool. Only the
+    selected rows go through the LM head, which dominates the cost. 0 with a graph when none is selected.
+    """
+    target_states = batch.states[:, 1:]
+    final = (batch.final if batch.final is not None else batch.states)[:, 1:]
+    if rows is not None:
+        target_states, final = target_states[:, rows], final[:, rows]
+    chosen = predicted[selected]
     with torch.no_grad():
         # Over a reduced draft vocabulary: the target's distribution renormalised over the kept tokens.
-        target_probs = torch.softmax((final @ draft.target_rows.T).float(), dim=-1)
-    log_probs = torch.log_softmax(draft.draft_logits(predicted).float(), dim=-1)
+        target_probs = torch.softmax((final[selected].to(chosen.dtype) @ draft.target_rows.T).float(), dim=-1)
+    log_probs = torch.log_softmax(draft.draft_logits(chosen).float(), dim=-1)
     cross_entropy = -(target_probs * log_probs).sum(-1)
-    regression = F.smooth_l1_loss(predicted.float(), target_states.float(), reduction="none").mean(-1)
-    return cross_entropy + cfg.regression_weight * regression
-
-
-def _mean_over(losses: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of losses [B, R] over the selected rows (bool [B, R]); 0 with a graph when none is selected."""
-    return (losses * rows).sum() / rows.sum().clamp_min(1)
+    regression = F.smooth_l1_loss(chosen.float(), target_states[selected].float(), reduction="none").mean(-1)
+    return (cross_entropy + cfg.regression_weight * regression).sum() / max(1, len(chosen))
 
 
 def teacher_forced_loss(draft: Draft, batch: TrainBatch, cfg: LossConfig,
@@ -76,7 +79,7 @@ def teacher_forced_loss(draft: Draft, batch: TrainBatch, cfg: LossConfig,
     """EAGLE-1's objective: every row reads its true (noisy) state and attends causally to the rows before."""
     rows = torch.arange(batch.num_rows, device=batch.tokens.device)
     predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator))
-    return _mean_over(_row_losses(draft, predicted, batch, cfg), batch.loss_mask[:, 1:])
+    return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
 def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
@@ -85,7 +88,7 @@ def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: i
     rows = torch.arange(batch.num_rows, device=batch.tokens.device)
     mask = stage1_mask(batch.num_rows, window, offset, batch.tokens.device)
     predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows, visible=mask)
-    return _mean_over(_row_losses(draft, predicted, batch, cfg), batch.loss_mask[:, 1:])
+    return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
 def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, steps: int, cfg: LossConfig,
@@ -93,9 +96,10 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
     """Training-time simulation: yields (loss, predicted) for steps 1..steps.
 
     The loss of step i supervises only the exact i-th autoregressive predictions, weighted
-    window - i + 1. The states written into the predicted slots are detached, so each step's loss
-    depends on its own forward pass only: a caller that runs backward on it before asking for the next
-    step keeps one step's activations, whatever the number of steps (constant memory).
+    window - i + 1; only those rows are computed (`predicted` [B, R, H] holds them, NaN elsewhere).
+    The states written into the predicted slots are detached, so each step's loss depends on its own
+    forward pass only: a caller that runs backward on it before asking for the next step keeps one
+    step's activations, whatever the number of steps (constant memory).
     """
     if not 1 <= steps <= window:
         raise ValueError(f"simulation steps must be between 1 and the window ({window}), got {steps}")
@@ -103,14 +107,15 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
     rows = torch.arange(num_rows, device=device)
     keys = torch.cat([_noisy_keys(batch, cfg, generator), torch.zeros_like(batch.states[:, :num_rows])], dim=1)
     key_positions = torch.cat([rows, rows])
-    supervised = batch.loss_mask[:, 1:]
     for step in range(1, steps + 1):
-        mask = stage2_mask(num_rows, window, offset, step, device)
-        predicted = draft(batch.tokens[:, 1:], rows, keys, key_positions, visible=mask)
-        exact = exact_rows(num_rows, window, offset, step, device)
-        loss = (window - step + 1) * _mean_over(_row_losses(draft, predicted, batch, cfg), supervised & exact)
+        exact = rows[exact_rows(num_rows, window, offset, step, device)]
+        visible = stage2_mask(num_rows, window, offset, step, device)[exact]
+        out = draft(batch.tokens[:, 1:][:, exact], exact, keys, key_positions, visible=visible)
+        loss = (window - step + 1) * _loss(draft, out, batch, cfg, batch.loss_mask[:, 1:][:, exact], exact)
+        predicted = out.new_full((out.shape[0], num_rows, out.shape[-1]), float("nan"))
+        predicted[:, exact] = out.detach()
         yield loss, predicted
         # Row p's output is the state at position p + 1: its slot, which the next step may read.
-        writers = exact & (rows + 1 < num_rows)
+        writers = exact[exact + 1 < num_rows]
         keys = keys.clone()
-        keys[:, num_rows + rows[writers] + 1] = predicted[:, writers].detach().to(keys.dtype)
+        keys[:, num_rows + writers + 1] = predicted[:, writers].to(keys.dtype)
