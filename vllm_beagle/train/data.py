@@ -61,8 +61,9 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
                   progress: bool = True) -> dict:
     """Prompts (first user turns of a ShareGPT file) -> target responses (greedy, vLLM) -> shards.
 
-    Records are read until `num_prompts` usable prompts are found (or the file ends). Writes `train/` and `heldout/` shard folders, `responses.json` and `summary.json` under `out`, and
-    returns the summary: how many records were read, skipped as malformed, skipped as too long, where
+    Records are read until `num_prompts` usable prompts are found (or the file ends). Writes `train/`
+    and `heldout/` shard folders, `responses.json` and `summary.json` under `out`, and returns the
+    summary: how many records were read, skipped as malformed, skipped as too long, where
     the file stopped being valid JSON (if it did), and how many sequences each split holds.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,7 +100,8 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
     if split < len(sequences):
         write_examples(target, cfg, sequences[split:], os.path.join(out, "heldout"), shard_size, progress)
     summary = {"dataset": os.path.abspath(path), "records_read": read, "skipped_malformed": malformed,
-               "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": split, "heldout_sequences": len(sequences) - split,
+               "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": split,
+               "heldout_sequences": len(sequences) - split,
                "state": state_name(cfg), "max_new_tokens": max_new_tokens}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
