@@ -84,16 +84,21 @@ def load_checkpoint(path: str, target: Mapping[str, Any] | None = None,
 
 
 def save_checkpoint(path: str, cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write a checkpoint; each file appears whole or not at all, weights before config."""
+    """Write a checked Beagle checkpoint."""
+    check_tensors(cfg, tensors, os.fspath(path))
+    write_checkpoint(path, cfg.to_hf_dict(), tensors)
+
+
+def write_checkpoint(path: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """config.json + model.safetensors; each file appears whole or not at all, weights before config."""
     path = os.fspath(path)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    check_tensors(cfg, tensors, path)
     os.makedirs(path, exist_ok=True)
     weights = os.path.join(path, WEIGHTS_FILE)
     save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
     os.replace(weights + ".tmp", weights)
-    config = os.path.join(path, CONFIG_FILE)
-    with open(config + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(cfg.to_hf_dict(), f, indent=2)
+    config_file = os.path.join(path, CONFIG_FILE)
+    with open(config_file + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
         f.write("\n")
-    os.replace(config + ".tmp", config)
+    os.replace(config_file + ".tmp", config_file)

@@ -134,8 +134,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("beagle train: --arch eagle is vLLM's EAGLE-1, which drafts over the full vocabulary "
                          "with its own attention: --draft-vocab and --kv-mode do not apply")
     heldout_dir = args.heldout
-    if heldout_dir is None and os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")):
-        heldout_dir = os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
+    beside = os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
+    if heldout_dir is None and os.path.isdir(beside):
+        heldout_dir = beside
     try:
         data = ShardSet(args.data)
         heldout = ShardSet(heldout_dir) if heldout_dir else None

@@ -15,10 +15,10 @@ import json
 import os
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from .block import GatedMLP, RMSNorm, Rotary, masked_attention
+from .checkpoint import write_checkpoint
 from .reference import Draft
 from .schema import CONFIG_FILE, STATE_FINAL_NORM, WEIGHTS_FILE, BeagleConfig
 
@@ -101,15 +101,7 @@ class EagleDraft(Draft):
 
     def save(self, path: str) -> None:
         """vLLM's EAGLE-1 format: the target's config with one layer, tensors without a `model.` prefix."""
-        config = eagle_hf_config(self.cfg)
-        os.makedirs(path, exist_ok=True)
-        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.block.state_dict().items()}
-        weights = os.path.join(path, WEIGHTS_FILE)
-        save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-        os.replace(weights + ".tmp", weights)
-        with open(os.path.join(path, CONFIG_FILE) + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        os.replace(os.path.join(path, CONFIG_FILE) + ".tmp", os.path.join(path, CONFIG_FILE))
+        write_checkpoint(path, eagle_hf_config(self.cfg), self.block.state_dict())
 
     @classmethod
     def from_checkpoint(cls, path: str, target: nn.Module) -> "EagleDraft":

@@ -154,6 +154,14 @@ def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> Ta
     return out if batched else TargetOutput(*(t[0] for t in out))
 
 
+def accepted_prefix(drafts: list[int], verified: list[int]) -> int:
+    """How many draft tokens greedy verification accepts: the length of the prefix that matches."""
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == verified[accepted]:
+        accepted += 1
+    return accepted
+
+
 @torch.no_grad()
 def simulate_greedy(target: nn.Module, draft: ReferenceDraft, prompt: list[int], max_tokens: int,
                     k: int) -> dict:
@@ -171,9 +179,7 @@ def simulate_greedy(target: nn.Module, draft: ReferenceDraft, prompt: list[int],
         drafts, _ = draft.draft_chain(torch.tensor(seq), states, k)
         states, _, logits = target_states(target, torch.tensor(seq + drafts), draft.cfg)
         greedy = logits[len(seq) - 1:].argmax(-1).tolist()
-        accepted = 0
-        while accepted < k and drafts[accepted] == greedy[accepted]:
-            accepted += 1
+        accepted = accepted_prefix(drafts, greedy)
         stats["num_drafts"] += 1
         stats["num_draft_tokens"] += k
         stats["num_accepted_tokens"] += accepted

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..reference import Draft
+from ..reference import Draft, accepted_prefix
 from .shards import ShardSet
 
 
@@ -32,10 +32,7 @@ def offline_acceptance(draft: Draft, data: ShardSet, k: int, max_sequences: int 
         starts = [n for n in range(1, len(tokens) - k) if response[n + 1]][::stride]
         for n in starts:
             drafts, _ = draft.draft_chain(tokens[:n + 1], states[:n], k)
-            truth = tokens[n + 1:n + 1 + k].tolist()
-            for i in range(k):
-                if drafts[i] != truth[i]:
-                    break
+            for i in range(accepted_prefix(drafts, tokens[n + 1:n + 1 + k].tolist())):
                 accepted[i] += 1
             rounds += 1
     rates = [a / rounds for a in accepted] if rounds else [0.0] * k
