@@ -137,12 +137,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     beside = os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
     if heldout_dir is None and os.path.isdir(beside):
         heldout_dir = beside
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
     try:
-        data = ShardSet(args.data)
-        heldout = ShardSet(heldout_dir) if heldout_dir else None
+        data = ShardSet(args.data, target.config.vocab_size)
+        heldout = ShardSet(heldout_dir, target.config.vocab_size) if heldout_dir else None
     except ShardError as e:
         raise SystemExit(f"beagle train: {e}") from None
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
     state = state_options(data.state)
     if args.arch == "eagle" and state != {"state": "final_norm"}:
         raise SystemExit(f"beagle train: --arch eagle reads the target's final state, but the shards in {args.data} "

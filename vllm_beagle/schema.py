@@ -65,6 +65,20 @@ class BeagleConfig:
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "vocab_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"field {name!r} must be a positive integer, got {value!r}")
+        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
+                or not self.rms_norm_eps > 0:
+            raise ValueError(f"field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
+        for name in ("state_layer", "draft_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"beagle.{name} must be an integer, got {value!r}")
+        if not isinstance(self.training, dict):
+            raise ValueError(f"beagle.training must be an object, got {self.training!r}")
         if self.state not in ARCH_BY_STATE:
             raise ValueError(f"beagle.state must be one of {sorted(ARCH_BY_STATE)}, got {self.state!r}")
         if (self.state == STATE_LAYER) != (self.state_layer is not None):
@@ -165,13 +179,14 @@ class BeagleConfig:
                 state_layer=beagle.get("state_layer"),
                 kv_mode=beagle.get("kv_mode", "concat"),
                 draft_vocab_size=beagle.get("draft_vocab_size"),
-                training=dict(beagle.get("training") or {}),
+                training=beagle.get("training") or {},
             )
         except KeyError as e:
             raise CheckpointError(checkpoint, f"config.json lacks the field {e.args[0]!r}") from None
-        except ValueError as e:
-            raise CheckpointError(checkpoint, str(e)) from None
-        archs = list(d.get("architectures") or [])
+        except (ValueError, TypeError, AttributeError) as e:
+            # TypeError/AttributeError: a field of the wrong JSON type met before the checks in __post_init__.
+            raise CheckpointError(checkpoint, f"config.json: {e}") from None
+        archs = d.get("architectures")
         if archs != [cfg.architecture]:
             raise CheckpointError(
                 checkpoint,
