@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from .outputs import OutputError, prepare_output_dir
 from .schema import CheckpointError
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -106,6 +107,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     state = ({"state": STATE_FINAL_NORM} if args.state_layer is None
              else {"state": STATE_LAYER, "state_layer": args.state_layer})
     cfg = BeagleConfig.from_target(AutoConfig.from_pretrained(args.target).to_dict(), **state)
+    # Upper bound: every sequence at full length, fp16 states (twice with a pre-norm state).
+    per_token = cfg.hidden_size * 2 * (1 if args.state_layer is None else 2)
+    try:
+        prepare_output_dir(args.out, args.num_prompts * (args.max_prompt_len + args.max_new_tokens) * per_token,
+                           "the training data")
+    except OutputError as e:
+        raise SystemExit(f"beagle data: {e}") from None
     try:
         summary = build_dataset(args.target, args.out, cfg, args.dataset, args.num_prompts, args.max_prompt_len,
                                 args.max_new_tokens, args.heldout, args.shard_size)
@@ -167,6 +175,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"beagle train: draft vocabulary of {args.draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
     work_dir = args.work_dir or args.out.rstrip("/") + ".train"
+    # The training state (weights and two Adam moments, written beside the previous one) and the checkpoint.
+    state_bytes = sum(p.numel() for p in draft.block.parameters()) * 4 * 3
+    try:
+        prepare_output_dir(work_dir, 2 * state_bytes, "the training state")
+        prepare_output_dir(os.path.dirname(os.path.abspath(args.out)), state_bytes, "the checkpoint")
+    except OutputError as e:
+        raise SystemExit(f"beagle train: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
