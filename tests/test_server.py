@@ -6,15 +6,31 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
 from conftest import BEAGLE, MAX_TOKENS, PARITY_PROMPT
+from vllm_beagle.cli import SERVER_MODULE
 
 pytestmark = pytest.mark.vllm
 MODEL = "tiny"
+MAX_MODEL_LEN = 512
+COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "temperature": 0}
+# name -> (path, JSON body or raw bytes)
+BAD_REQUESTS = {
+    "empty prompt": ("/v1/completions", {**COMPLETION, "prompt": ""}),
+    "prompt longer than the context": ("/v1/completions", {**COMPLETION, "prompt": [5] * (MAX_MODEL_LEN + 10)}),
+    "max_tokens 0": ("/v1/completions", {**COMPLETION, "max_tokens": 0}),
+    "max_tokens negative": ("/v1/completions", {**COMPLETION, "max_tokens": -3}),
+    "n 0": ("/v1/completions", {**COMPLETION, "n": 0}),
+    "n not a number": ("/v1/completions", {**COMPLETION, "n": "two"}),
+    "unknown model": ("/v1/completions", {**COMPLETION, "model": "no-such-model"}),
+    "malformed JSON": ("/v1/completions", b'{"model": "tiny", "prompt": '),
+    "chat without messages": ("/v1/chat/completions", {"model": MODEL, "max_tokens": 8}),
+}
 
 
 def free_port():
@@ -23,14 +39,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(toy, tmp_path_factory):
+def start_server(toy, log, draft=None):
+    """The toy target served on a free loopback port, by `beagle serve` with `draft`, or by vLLM's own
+    server without one: (url, process) once healthy."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    command = ([BEAGLE, "serve", toy["target_dir"], "--draft", draft, "-k", "3"] if draft
+               else [sys.executable, "-m", SERVER_MODULE, "--model", toy["target_dir"]])
     proc = subprocess.Popen(
-        [BEAGLE, "serve", toy["target_dir"], "--draft", toy["draft_dir"], "-k", "3", "--host", "127.0.0.1",
-         "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-         "--served-model-name", MODEL],
+        [*command, "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--served-model-name", MODEL],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -38,13 +55,31 @@ def server(toy, tmp_path_factory):
         assert proc.poll() is None, f"server exited early:\n{_tail(log)}"
         try:
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
+                return url, proc
         except requests.ConnectionError:
             pass
         time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"server not healthy after 300 s:\n{_tail(log)}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"server not healthy after 300 s:\n{_tail(log)}")
+
+
+@pytest.fixture(scope="module")
+def plain_bad_answers(toy, tmp_path_factory):
+    """How vLLM without a draft answers the bad requests; its server is stopped before the drafting one
+    starts (two engines never share the two cores)."""
+    log = open(tmp_path_factory.mktemp("plain-server") / "server.log", "w+")
+    url, proc = start_server(toy, log)
+    try:
+        yield {name: answer(url, request) for name, request in BAD_REQUESTS.items()}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(toy, plain_bad_answers, tmp_path_factory):
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    url, proc = start_server(toy, log, toy["draft_dir"])
     yield url, proc, log
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -76,6 +111,29 @@ def stream(url, path, body, pick):
             if chunk["choices"]:
                 text += pick(chunk["choices"][0]) or ""
     pytest.fail("stream ended without [DONE]")
+
+
+def answer(url, request):
+    """(status code, error type) of a request; the error type is None for an answer that is not an error."""
+    path, body = request
+    if isinstance(body, bytes):
+        response = requests.post(f"{url}{path}", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    else:
+        response = requests.post(f"{url}{path}", json=body, timeout=60)
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        error = None
+    return response.status_code, error.get("type") if isinstance(error, dict) else None
+
+
+def test_bad_requests_get_the_same_4xx_as_without_a_draft_and_the_server_keeps_serving(server, plain_bad_answers):
+    url, _, _ = server
+    for name, request in BAD_REQUESTS.items():
+        plain = plain_bad_answers[name]
+        assert 400 <= plain[0] < 500, f"{name}: vLLM without a draft answered {plain}; the request is not bad"
+        assert answer(url, request) == plain, name
+    assert post(url, "/v1/completions", COMPLETION)["choices"][0]["text"]
 
 
 def test_completions_are_the_targets_greedy_output(server, engines):
