@@ -68,8 +68,8 @@ def main() -> int:
     loss_cfg = LossConfig()
 
     def step(kind):
-        draft = drafts["eagle" if kind == "eagle" else "beagle"]
-        optimizer = optimizers["eagle" if kind == "eagle" else "beagle"]
+        arch = "eagle" if kind == "eagle" else "beagle"
+        draft, optimizer = drafts[arch], optimizers[arch]
         optimizer.zero_grad(set_to_none=True)
         if kind == "eagle":
             teacher_forced_loss(draft, batch, loss_cfg).backward()

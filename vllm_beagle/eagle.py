@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .block import GatedMLP, RMSNorm, Rotary, masked_attention
-from .checkpoint import write_checkpoint
+from .checkpoint import read_tensors, write_checkpoint
 from .reference import Draft
-from .schema import CONFIG_FILE, STATE_FINAL_NORM, WEIGHTS_FILE, BeagleConfig
+from .schema import CONFIG_FILE, STATE_FINAL_NORM, BeagleConfig
 
 
 class SelfAttention(nn.Module):
@@ -105,13 +105,11 @@ class EagleDraft(Draft):
 
     @classmethod
     def from_checkpoint(cls, path: str, target: nn.Module) -> "EagleDraft":
-        from safetensors.torch import load_file
-
         with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
             d = json.load(f)
         cfg = BeagleConfig.from_target(d, training=d.get("training", {}))
         draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-        draft.block.load_state_dict(load_file(os.path.join(path, WEIGHTS_FILE)))
+        draft.block.load_state_dict(read_tensors(path))
         return draft.to(target.dtype)
 
 
