@@ -17,20 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from vllm_beagle.drafts import draft_path, speculative_config  # noqa: E402
+from vllm_beagle.local_server import LocalServer, server_command  # noqa: E402
 from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
 from vllm_beagle.train.sharegpt import ShareGPTReader, default_path  # noqa: E402
-
-PORT = 18123
 
 
 def sharegpt_subset(count: int, path: str) -> str:
@@ -46,38 +41,25 @@ def sharegpt_subset(count: int, path: str) -> str:
     return path
 
 
-def server_command(target: str, draft: str, k: int, max_model_len: int) -> list[str]:
-    common = ["--host", "127.0.0.1", "--port", str(PORT), "--dtype", "float32", "--max-model-len", str(max_model_len),
-              "--served-model-name", "target", "--max-num-seqs", "16"]
+def start(target: str, draft: str, k: int, max_model_len: int, log_path: str, env: dict) -> LocalServer:
+    """`beagle serve` for the Beagle draft; vLLM's server with its speculative config for the others."""
     if draft == "beagle":
-        return [os.path.join(os.path.dirname(sys.executable), "beagle"), "serve", target, "--draft",
-                draft_path("beagle"), "-k", str(k), *common]
-    server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", target, *common]
-    if draft != "none":
-        server += ["--speculative-config", json.dumps(speculative_config(draft, k))]
-    return server
+        command = server_command(target, draft_path("beagle"), k)
+    else:
+        command = server_command(target)
+        if draft != "none":
+            command += ["--speculative-config", json.dumps(speculative_config(draft, k))]
+    return LocalServer([*command, "--dtype", "float32", "--max-model-len", str(max_model_len), "--served-model-name",
+                        "target", "--max-num-seqs", "16"], log_path, env)
 
 
-def wait_healthy(proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("the server did not become healthy")
-
-
-def bench(target: str, dataset: str, num_prompts: int, concurrency: int) -> dict:
+def bench(url: str, target: str, dataset: str, num_prompts: int, concurrency: int) -> dict:
     from vllm.benchmarks.serve import add_cli_args, main
 
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
     args = parser.parse_args([
-        "--backend", "openai", "--base-url", f"http://127.0.0.1:{PORT}", "--model", "target", "--tokenizer", target,
+        "--backend", "openai", "--base-url", url, "--model", "target", "--tokenizer", target,
         "--dataset-name", "sharegpt", "--dataset-path", dataset, "--num-prompts", str(num_prompts),
         "--max-concurrency", str(concurrency), "--temperature", "0", "--seed", "0", "--disable-tqdm",
         "--percentile-metrics", "ttft,tpot,itl,e2el",
@@ -101,20 +83,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dataset = sharegpt_subset(args.num_prompts, os.path.join(tmp, "sharegpt.json"))
         for draft in args.drafts:
-            proc = subprocess.Popen(server_command(target, draft, args.k, args.max_model_len), env=env,
-                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"{draft}.log"), "w"),
-                                    start_new_session=True)
-            try:
-                wait_healthy(proc)
-                bench(target, dataset, 2, 1)  # warm-up
+            with start(target, draft, args.k, args.max_model_len, os.path.join(tmp, f"{draft}.log"), env) as server:
+                bench(server.url, target, dataset, 2, 1)  # warm-up
                 for concurrency in args.concurrency:
-                    r = bench(target, dataset, args.num_prompts, concurrency)
+                    r = bench(server.url, target, dataset, args.num_prompts, concurrency)
                     rows.append({"drafting": draft, "concurrency": concurrency,
                                  "output_throughput": r["output_throughput"], "mean_tpot_ms": r["mean_tpot_ms"],
                                  "failed": r["failed"], "tau": r.get("spec_decode_acceptance_length")})
-            finally:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(timeout=60)
     base = {r["concurrency"]: r["output_throughput"] for r in rows if r["drafting"] == "none"}
     print(f"\n{args.num_prompts} ShareGPT prompts, greedy, K = {args.k}\n")
     print("| drafting | concurrency | output tok/s | vs none | mean TPOT (ms) | tau | failed |")

@@ -28,6 +28,8 @@ PROMPTS = [
 ]
 PARITY_PROMPT = [1, 15043, 29892, 590, 1024, 338]
 MAX_TOKENS = 32
+# Greedy and sampled prompts in one batch: vLLM's CPU rejection sampler once corrupted the greedy ones (vllm_fixes.py).
+MIXED_TEMPERATURES = [0.0, 1.0, 0.0, 0.7, 0.0]
 # Training data: random prompts and the toy target's greedy responses.
 PROMPT_LEN, NEW_TOKENS = 6, 26
 KS = (1, 3, 5)
@@ -105,15 +107,18 @@ def engines(toy, eagle_draft, tmp_path_factory):
     """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, a true-states draft, a
     reduced-vocabulary draft and vLLM's own EAGLE-1 running our exported baseline at K = 3.
 
-    The parity request runs alone first on each drafting engine, so that its counters are its own.
+    The parity request runs alone first on each drafting engine, so that its counters are its own. The
+    K = 3 engines also take the batch with every other prompt sampled (MIXED_TEMPERATURES).
     """
     batch = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS}
     parity = {"prompts": [PARITY_PROMPT], "max_tokens": MAX_TOKENS}
+    mixed = {**batch, "temperature": MIXED_TEMPERATURES}
     runs = [{"name": "plain", "spec": None, "calls": [batch, parity]}]
-    runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch]} for k in KS]
+    runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch] + [mixed] * (k == 3)}
+             for k in KS]
     runs.append({"name": "true_states", "spec": spec(toy["draft_ts_dir"], 3), "calls": [parity, batch]})
     runs.append({"name": "draft_vocab", "spec": spec(toy["draft_vocab_dir"], 3), "calls": [parity, batch]})
-    runs.append({"name": "eagle", "spec": spec(eagle_draft["dir"], 3), "calls": [parity, batch]})
+    runs.append({"name": "eagle", "spec": spec(eagle_draft["dir"], 3), "calls": [parity, batch, mixed]})
     return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))
 
 

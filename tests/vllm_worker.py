@@ -1,7 +1,7 @@
 """Runs vLLM engines for the tests in a fresh process; job and results are JSON files.
 
 Job: {"target": DIR, "runs": [{"name", "spec": speculative config or null,
-      "calls": [{"prompts": [[ids]], "max_tokens": N}]}]}
+      "calls": [{"prompts": [[ids]], "max_tokens": N, "temperature": T or [T per prompt] (default 0)}]}]}
 Results: {name: {"calls": [generate() results]} or {"error": "Type: message"}}.
 Each run gets its own engine, built after the previous one has been shut down. The plugin reaches
 vLLM only through its installed entry point: this script never registers anything itself.
@@ -23,8 +23,8 @@ def main(job_file: str, out_file: str) -> None:
         except Exception as e:  # noqa: BLE001 - the test asserts on the refusal's type and message
             results[run["name"]] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        results[run["name"]] = {"calls": [generate(llm, c["prompts"], c["max_tokens"], ignore_eos=True)
-                                          for c in run["calls"]]}
+        results[run["name"]] = {"calls": [generate(llm, c["prompts"], c["max_tokens"], c.get("temperature", 0.0),
+                                                   ignore_eos=True) for c in run["calls"]]}
         shutdown(llm)
         del llm
     with open(out_file, "w") as f:

