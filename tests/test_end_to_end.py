@@ -2,8 +2,14 @@
 skipped and counted, and vLLM's measured acceptance equals the trainer's offline simulation of the
 same greedy drafting on held-out prompts."""
 
+import glob
 import json
 import os
+import random
+import shutil
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -33,30 +39,40 @@ def sharegpt_file(path):
 
 
 def beagle(*args):
-    import subprocess
-
     result = subprocess.run([BEAGLE, *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
-def test_data_train_serve_agree(toy, tmp_path):
-    data = str(tmp_path / "data")
-    beagle("data", toy["target_dir"], "--dataset", sharegpt_file(str(tmp_path / "sharegpt.json")), "--out", data,
-           "--max-prompt-len", "64", "--max-new-tokens", str(MAX_NEW), "--heldout", "4", "--shard-size", "10")
-    with open(os.path.join(data, "summary.json")) as f:
+def data_args(toy, sharegpt, out, shard_size=10):
+    return ["data", toy["target_dir"], "--dataset", sharegpt, "--out", out, "--max-prompt-len", "64",
+            "--max-new-tokens", str(MAX_NEW), "--heldout", "4", "--shard-size", str(shard_size)]
+
+
+@pytest.fixture(scope="module")
+def data(toy, tmp_path_factory):
+    """`beagle data` on a small ShareGPT file with malformed and too-long records: (folder, sharegpt file)."""
+    root = tmp_path_factory.mktemp("data")
+    sharegpt, out = sharegpt_file(str(root / "sharegpt.json")), str(root / "data")
+    beagle(*data_args(toy, sharegpt, out))
+    return out, sharegpt
+
+
+def test_data_train_serve_agree(toy, data, tmp_path):
+    folder, _ = data
+    with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     assert summary["records_read"] == 34 and summary["skipped_malformed"] == 4
     assert summary["skipped_too_long"] == 1
     assert summary["train_sequences"] == 25 and summary["heldout_sequences"] == 4
-    assert len(ShardSet(os.path.join(data, "train")).files) == 3
+    assert len(ShardSet(os.path.join(folder, "train")).files) == 3
 
     ckpt = str(tmp_path / "beagle-e2e")
-    beagle("train", "--data", os.path.join(data, "train"), "--target", toy["target_dir"], "--out", ckpt,
+    beagle("train", "--data", os.path.join(folder, "train"), "--target", toy["target_dir"], "--out", ckpt,
            "--window", "3", "--sim-steps", "2", "--stage1-epochs", "2", "--stage2-epochs", "1", "--batch-size", "5",
            "--lr", "3e-3", "--warmup-steps", "2")
 
-    heldout = ShardSet(os.path.join(data, "heldout"))
+    heldout = ShardSet(os.path.join(folder, "heldout"))
     prompts = [s["input_ids"][~s["loss_mask"].bool()].tolist() for s in heldout.sequences]
     results = run_vllm(toy["target_dir"], [
         {"name": "beagle", "spec": spec(ckpt, 3), "calls": [{"prompts": [p], "max_tokens": MAX_NEW} for p in prompts]},
@@ -69,3 +85,43 @@ def test_data_train_serve_agree(toy, tmp_path):
         assert measured["spec"]["num_accepted_tokens"] == sim["num_accepted_tokens"]
     tau = 1 + sum(s["num_accepted_tokens"] for s in offline) / sum(s["num_drafts"] for s in offline)
     assert tau > 1.5, tau
+
+
+def test_a_data_run_killed_mid_shard_resumes_to_the_same_shards(toy, data, tmp_path):
+    """SIGKILL while the target's states are computed or a shard is written: every shard on disk is
+    whole and right, the resumed run ends with the sequences of an uninterrupted one, and resuming with
+    a different sharding is refused by name. The target's responses are kept from the first run (as an
+    interrupted run keeps them), so no engine starts here; one sequence per shard gives many moments to
+    kill in."""
+    whole, sharegpt = data
+    expected = {split: ShardSet(os.path.join(whole, split)).sequences for split in ("train", "heldout")}
+    out = str(tmp_path / "data")
+    os.makedirs(out)
+    shutil.copy(os.path.join(whole, "responses.json"), out)
+    command = [BEAGLE, *data_args(toy, sharegpt, out, shard_size=1)]
+    train = os.path.join(out, "train")
+    rng = random.Random(0)
+    killed = 0
+    for low, high in [(1, 6), (8, 14), (16, 22)]:
+        target = rng.randint(low, high)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and len(glob.glob(os.path.join(train, "shard-*.safetensors"))) < target:
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        proc.wait(timeout=60)
+        on_disk = ShardSet(train).sequences  # every file under a shard's name loads and passes its checks
+        for got, want in zip(on_disk, expected["train"], strict=False):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert killed >= 2, f"only {killed} of 3 runs were still going when killed; the test no longer interrupts"
+    beagle(*data_args(toy, sharegpt, out, shard_size=1))
+    for split, want in expected.items():
+        got = ShardSet(os.path.join(out, split)).sequences
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+    refused = subprocess.run([BEAGLE, *data_args(toy, sharegpt, out, shard_size=2)], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "holds shards of a different run" in refused.stderr, refused.stderr[-2000:]
+    assert "shard_size" in refused.stderr

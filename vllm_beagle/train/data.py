@@ -7,6 +7,7 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -16,6 +17,9 @@ from tqdm import tqdm
 from ..reference import target_states
 from ..schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
 from .shards import write_shard
+
+# What a shard folder holds, written before its first shard: a resumed run must shard the same sequences.
+MANIFEST = "shards.json"
 
 
 def state_name(cfg: BeagleConfig) -> str:
@@ -36,9 +40,12 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
     """Run the HF target over each (token ids, loss mask) and write the states the draft reads.
 
     Returns the number of shards written. Shards already on disk (whole, by construction) are kept:
-    an interrupted run resumes at the first missing shard.
+    an interrupted run resumes at the first missing shard, provided it shards the same sequences the
+    same way (`MANIFEST` records what the folder's shards hold; anything else is refused).
     """
     os.makedirs(out_dir, exist_ok=True)
+    _claim(out_dir, {"state": state_name(cfg), "shard_size": shard_size, "sequences": len(sequences),
+                     "sha256": hashlib.sha256(json.dumps(sequences).encode()).hexdigest()})
     num_shards = -(-len(sequences) // shard_size)
     for shard in tqdm(range(num_shards), desc="target states", unit="shard", disable=not progress):
         path = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
@@ -54,6 +61,28 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
             finals.append(out.final)
         write_shard(path, state_name(cfg), ids, masks, states, finals if cfg.state != STATE_FINAL_NORM else None)
     return num_shards
+
+
+def _claim(out_dir: str, manifest: dict) -> None:
+    """Record what `out_dir`'s shards hold, or refuse if it already holds shards of something else."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in manifest if saved.get(k) != manifest[k])
+        if changed:
+            raise ValueError(f"{out_dir} holds shards of a different run (its {', '.join(changed)} differ: "
+                             f"{ {k: saved.get(k) for k in changed} } on disk, { {k: manifest[k] for k in changed} } "
+                             "now); resume with the options it was started with, or write to a new --out")
+        return
+    _write_json(path, manifest)
+
+
+def _write_json(path: str, obj, indent: int | None = 2) -> None:
+    """Whole or not at all: a killed run never leaves a half-written file under the final name."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=indent)
+    os.replace(path + ".tmp", path)
 
 
 def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | None = None, num_prompts: int = 1000,
@@ -103,8 +132,7 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
                "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": split,
                "heldout_sequences": len(sequences) - split,
                "state": state_name(cfg), "max_new_tokens": max_new_tokens}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
@@ -127,9 +155,7 @@ def _target_responses(target_dir: str, prompts: list[list[int]], max_model_len: 
               disable=not progress) as bar:
         while len(done) < len(prompts):
             done += generate(llm, prompts[len(done):len(done) + chunk], max_new_tokens)["outputs"]
-            with open(path + ".tmp", "w") as f:
-                json.dump({"prompts": prompts[:len(done)], "responses": done}, f)
-            os.replace(path + ".tmp", path)
+            _write_json(path, {"prompts": prompts[:len(done)], "responses": done}, indent=None)
             bar.update(len(done) - bar.n)
     shutdown(llm)
     return done
