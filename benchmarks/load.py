@@ -61,8 +61,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.requests < 1 or args.concurrency < 1 or args.k < 1 or args.plain_passes < 1:
         parser.error("--requests, --concurrency, --k and --plain-passes must be at least 1")
+    try:
+        draft = draft_path(args.draft)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     target = args.target or smollm2_dir()
-    draft = draft_path(args.draft)
     texts = [messages[0]["content"] for messages in load_prompts("mtbench")]
     requests = load.make_requests(texts, args.requests, MODEL, seed=args.seed)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
