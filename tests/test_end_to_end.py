@@ -87,6 +87,10 @@ def test_data_train_serve_agree(toy, data, tmp_path):
     assert tau > 1.5, tau
 
 
+def same_sequence(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_a_data_run_killed_mid_shard_resumes_to_the_same_shards(toy, data, tmp_path):
     """SIGKILL while the target's states are computed or a shard is written: every shard on disk is
     whole and right, the resumed run ends with the sequences of an uninterrupted one, and resuming with
@@ -112,15 +116,13 @@ def test_a_data_run_killed_mid_shard_resumes_to_the_same_shards(toy, data, tmp_p
             killed += 1
         proc.wait(timeout=60)
         on_disk = ShardSet(train).sequences  # every file under a shard's name loads and passes its checks
-        for got, want in zip(on_disk, expected["train"], strict=False):
-            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert all(map(same_sequence, on_disk, expected["train"]))
     assert killed >= 2, f"only {killed} of 3 runs were still going when killed; the test no longer interrupts"
     beagle(*data_args(toy, sharegpt, out, shard_size=1))
     for split, want in expected.items():
         got = ShardSet(os.path.join(out, split)).sequences
         assert len(got) == len(want)
-        for a, b in zip(got, want):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+        assert all(map(same_sequence, got, want))
     refused = subprocess.run([BEAGLE, *data_args(toy, sharegpt, out, shard_size=2)], capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode != 0 and "holds shards of a different run" in refused.stderr, refused.stderr[-2000:]

@@ -12,7 +12,7 @@ import requests
 
 from conftest import MAX_TOKENS, PARITY_PROMPT
 from vllm_beagle.load import (check_counters, check_load, greedy_mismatches, greedy_texts, make_requests, run_load,
-                              settle)
+                              settle, spec_metrics)
 from vllm_beagle.local_server import LocalServer, server_command
 from vllm_beagle.prompts import load_prompts
 
@@ -123,16 +123,10 @@ def test_chat_completions_stream_and_not(server):
 
 
 def test_metrics_show_drafts_accepted(server):
-    url = server.url
-    post(url, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 16, "temperature": 0})
-    metrics = requests.get(f"{url}/metrics", timeout=30).text
-    values = {}
-    for line in metrics.splitlines():
-        for name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
-            if line.startswith(name + "{"):
-                values[name] = values.get(name, 0) + float(line.rsplit(" ", 1)[1])
-    assert values["vllm:spec_decode_num_drafts_total"] > 0
-    assert values["vllm:spec_decode_num_accepted_tokens_total"] > 0
+    post(server.url, "/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 16, "temperature": 0})
+    counters, _ = spec_metrics(server.get("/metrics"))
+    assert counters.num_drafts > 0
+    assert counters.num_accepted_tokens > 0
 
 
 def test_under_load_answers_as_without_a_draft(server, plain):

@@ -52,6 +52,15 @@ class LoadAnswer:
     cancelled: bool = False
     error: str | None = None
 
+    @property
+    def failed(self) -> bool:
+        return self.status != 200 or self.error is not None
+
+    @property
+    def whole(self) -> bool:
+        """Answered to the end: neither failed nor dropped by the client."""
+        return not self.failed and not self.cancelled
+
 
 def make_requests(texts: list[str], count: int, model: str, seed: int = 0, max_prompt_words: int = 120,
                   max_tokens: int = 96) -> list[LoadRequest]:
@@ -176,9 +185,9 @@ def check_load(requests: list[LoadRequest], answers: list[LoadAnswer]) -> list[s
     """What is wrong with the answers to a load, one line each (empty when all is well)."""
     problems = []
     for request, answer in zip(requests, answers, strict=True):
-        if answer.status != 200 or answer.error:
+        if answer.failed:
             problems.append(f"request {request.index}: status {answer.status} {answer.error or ''}".strip())
-        elif not answer.cancelled:
+        elif answer.whole:
             n = request.body.get("n", 1)
             if len(answer.texts) != n or any(r not in ("stop", "length") for r in answer.finish_reasons):
                 problems.append(f"request {request.index}: {len(answer.texts)} choices of {n}, "
@@ -204,13 +213,13 @@ def check_counters(counters: SpecCounters, k: int) -> list[str]:
 def greedy_texts(requests: list[LoadRequest], answers: list[LoadAnswer]) -> dict[int, list[str]]:
     """The whole answers to greedy requests that were not cancelled, by request index."""
     return {r.index: a.texts for r, a in zip(requests, answers, strict=True)
-            if r.greedy and not a.cancelled and a.status == 200 and not a.error}
+            if r.greedy and a.whole}
 
 
 def load_summary(answers: list[LoadAnswer], wall_s: float) -> dict[str, float]:
     """Counts and latency of one pass: answered, failed (5xx among them), cancelled by the client, p50/p99."""
-    ok = sorted(a.latency_s for a in answers if a.status == 200 and not a.cancelled and not a.error)
-    failed = [a for a in answers if a.status != 200 or a.error]
+    ok = sorted(a.latency_s for a in answers if a.whole)
+    failed = [a for a in answers if a.failed]
     pick = lambda q: ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")  # noqa: E731
     return {"requests": len(answers), "answered": len(ok), "failed": len(failed),
             "5xx": sum(500 <= a.status < 600 for a in failed), "cancelled": sum(a.cancelled for a in answers),

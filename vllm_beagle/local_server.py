@@ -35,9 +35,10 @@ class LocalServer:
 
     def __init__(self, command: list[str], log_path: str, env: dict | None = None, timeout_s: float = 600):
         self.log_path = log_path
-        self.url = f"http://127.0.0.1:{free_port()}"
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
         with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
+            self.proc = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             self._wait_healthy(timeout_s)
