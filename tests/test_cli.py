@@ -67,6 +67,20 @@ def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tm
     assert os.path.exists(out + ".train/train_state.pt")
 
 
+def test_train_arch_eagle_writes_vllms_eagle_format_with_only_its_own_options(toy, shards, tmp_path):
+    out = str(tmp_path / "eagle-trained")
+    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
+                    "--arch", "eagle", "--stage1-epochs", "1", "--stage2-epochs", "0", "--batch-size", "32",
+                    "--warmup-steps", "1", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert "beagle" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    training = config["training"]
+    assert training["arch"] == "eagle" and training["sequences"] == len(shards)
+    assert "window" not in training and "sim_steps" not in training, training
+
+
 def test_train_refuses_a_folder_without_shards(toy, tmp_path):
     result = beagle("train", "--data", str(tmp_path), "--target", toy["target_dir"], "--out", str(tmp_path / "o"))
     assert result.returncode != 0 and f"no training shards (shard-*.safetensors) in {tmp_path}" in result.stderr

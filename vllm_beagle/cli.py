@@ -189,8 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 writes the checkpoint
     evaluation = last_evaluation(work_dir)
+    # EAGLE-1 trains teacher-forced: the block-attention window and simulation steps never applied to it.
+    unused = {"loss"} | ({"window", "sim_steps"} if args.arch == "eagle" else set())
     draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
-                          **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "loss"},
+                          **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in unused},
                           **dataclasses.asdict(train_cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
                           "command": " ".join(["beagle", *sys.argv[1:]])}
