@@ -81,6 +81,32 @@ def test_train_arch_eagle_writes_vllms_eagle_format_with_only_its_own_options(to
     assert "window" not in training and "sim_steps" not in training, training
 
 
+def test_train_with_a_draft_vocabulary_records_its_coverage(toy, shards, tmp_path):
+    from vllm_beagle.checkpoint import load_checkpoint
+
+    out = str(tmp_path / "beagle-vocab")
+    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
+                    "--draft-vocab", "256", "--stage1-epochs", "1", "--stage2-epochs", "0", "--batch-size", "32",
+                    "--warmup-steps", "1", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg, tensors = load_checkpoint(out, toy["target"].config.to_dict())
+    assert cfg.draft_vocab_size == 256 and tensors["draft_to_target"].shape == (256,)
+    assert 0 < cfg.training["draft_vocab_coverage"] <= 1
+    assert "draft vocabulary of 256 tokens covers" in result.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--arch", "eagle", "--draft-vocab", "64"], "--draft-vocab and --kv-mode do not apply"),
+    (["--draft-vocab", "1000000"], "draft_vocab_size must be between 1 and vocab_size 32000, got 1000000"),
+])
+def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options, message):
+    out = str(tmp_path / "beagle-refused")
+    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
+                    *options)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not os.path.exists(out)
+
+
 def test_train_refuses_a_folder_without_shards(toy, tmp_path):
     result = beagle("train", "--data", str(tmp_path), "--target", toy["target_dir"], "--out", str(tmp_path / "o"))
     assert result.returncode != 0 and f"no training shards (shard-*.safetensors) in {tmp_path}" in result.stderr

@@ -129,18 +129,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .eagle import EagleDraft
-    from .reference import ReferenceDraft
-    from .schema import BeagleConfig
-    from .train.data import state_options
-    from .train.draft_vocab import coverage, draft_vocabulary, token_counts
-    from .train.loop import TrainConfig, last_evaluation, train
-    from .train.objective import LossConfig
+    from .train.loop import last_evaluation, train
+    from .train.new_draft import check_options, new_draft
     from .train.shards import ShardError, ShardSet
 
-    if args.arch == "eagle" and (args.draft_vocab or args.kv_mode != "concat"):
-        raise SystemExit("beagle train: --arch eagle is vLLM's EAGLE-1, which drafts over the full vocabulary "
-                         "with its own attention: --draft-vocab and --kv-mode do not apply")
+    try:
+        check_options(args.arch, args.kv_mode, args.draft_vocab)
+    except ValueError as e:
+        raise SystemExit(f"beagle train: {e}") from None
     heldout_dir = args.heldout
     beside = os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
     if heldout_dir is None and os.path.isdir(beside):
@@ -149,31 +145,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         data = ShardSet(args.data, target.config.vocab_size)
         heldout = ShardSet(heldout_dir, target.config.vocab_size) if heldout_dir else None
-    except ShardError as e:
+        torch.manual_seed(args.seed)
+        draft, facts = new_draft(target, data, args.arch, args.kv_mode, args.draft_vocab)
+    except (ShardError, ValueError) as e:
         raise SystemExit(f"beagle train: {e}") from None
-    state = state_options(data.state)
-    if args.arch == "eagle" and state != {"state": "final_norm"}:
-        raise SystemExit(f"beagle train: --arch eagle reads the target's final state, but the shards in {args.data} "
-                         f"hold {data.state}; make them with beagle data without --state-layer")
-    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=args.kv_mode,
-                                   draft_vocab_size=args.draft_vocab or None, **state)
-    width = data.sequences[0]["states"].shape[-1]
-    if width != cfg.hidden_size:
-        raise SystemExit(f"beagle train: the shards in {args.data} hold states of width {width}, "
-                         f"but the target {args.target} has hidden_size {cfg.hidden_size}")
-    train_cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS},
-                            loss=LossConfig(**{name: getattr(args, name) for name in LOSS_OPTIONS}))
-    torch.manual_seed(args.seed)
-    cls = EagleDraft if args.arch == "eagle" else ReferenceDraft
-    draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    facts = {}
     if args.draft_vocab:
-        counts = token_counts(data, cfg.vocab_size)
-        ids = draft_vocabulary(counts, args.draft_vocab)
-        draft.use_draft_vocab(ids)
-        facts["draft_vocab_coverage"] = round(coverage(counts, ids), 4)
         print(f"beagle train: draft vocabulary of {args.draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
+    train_cfg = train_config(args)
     work_dir = args.work_dir or args.out.rstrip("/") + ".train"
     # The training state (weights and two Adam moments, written beside the previous one) and the checkpoint.
     state_bytes = sum(p.numel() for p in draft.block.parameters()) * 4 * 3
@@ -199,6 +178,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     draft.to("cpu").to(getattr(torch, args.export_dtype)).save(args.out)
     print(f"beagle train: wrote {args.out}")
     return 0
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig that `beagle train`'s options ask for."""
+    from .train.loop import TrainConfig
+    from .train.objective import LossConfig
+
+    return TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS},
+                       loss=LossConfig(**{name: getattr(args, name) for name in LOSS_OPTIONS}))
 
 
 # TrainConfig fields that `beagle train` exposes; their defaults are TrainConfig's.

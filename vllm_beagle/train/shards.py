@@ -50,6 +50,7 @@ class ShardSet:
     """
 
     def __init__(self, folder: str, vocab_size: int | None = None):
+        self.folder = folder
         self.files = sorted(glob.glob(os.path.join(folder, SHARD_GLOB)))
         if not self.files:
             raise ShardError(f"no training shards ({SHARD_GLOB}) in {folder}")

@@ -1,0 +1,45 @@
+"""A fresh draft for a target and its training shards: the architecture, the state the shards hold, and
+the draft vocabulary, checked against each other before any training starts."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..eagle import EagleDraft
+from ..reference import Draft, ReferenceDraft
+from ..schema import BeagleConfig
+from .data import state_options
+from .draft_vocab import coverage, draft_vocabulary, token_counts
+from .shards import ShardSet
+
+
+def check_options(arch: str, kv_mode: str, draft_vocab: int) -> None:
+    """ValueError for options that contradict each other, before anything is loaded."""
+    if arch == "eagle" and (draft_vocab or kv_mode != "concat"):
+        raise ValueError("--arch eagle is vLLM's EAGLE-1, which drafts over the full vocabulary "
+                         "with its own attention: --draft-vocab and --kv-mode do not apply")
+
+
+def new_draft(target: nn.Module, data: ShardSet, arch: str = "beagle", kv_mode: str = "concat",
+              draft_vocab: int = 0) -> tuple[Draft, dict]:
+    """(draft, facts for the checkpoint's training record). ValueError names what does not fit."""
+    check_options(arch, kv_mode, draft_vocab)
+    state = state_options(data.state)
+    if arch == "eagle" and state != {"state": "final_norm"}:
+        raise ValueError(f"--arch eagle reads the target's final state, but the shards in {data.folder} hold "
+                         f"{data.state}; make them with beagle data without --state-layer")
+    cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=kv_mode, draft_vocab_size=draft_vocab or None,
+                                   **state)
+    width = data.sequences[0]["states"].shape[-1]
+    if width != cfg.hidden_size:
+        raise ValueError(f"the shards in {data.folder} hold states of width {width}, but the target "
+                         f"{getattr(target.config, '_name_or_path', '')} has hidden_size {cfg.hidden_size}")
+    cls = EagleDraft if arch == "eagle" else ReferenceDraft
+    draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    facts = {}
+    if draft_vocab:
+        counts = token_counts(data, cfg.vocab_size)
+        ids = draft_vocabulary(counts, draft_vocab)
+        draft.use_draft_vocab(ids)
+        facts["draft_vocab_coverage"] = round(coverage(counts, ids), 4)
+    return draft, facts
