@@ -17,6 +17,16 @@ def beagle(*args, timeout=120):
     return subprocess.run([BEAGLE, *args], capture_output=True, text=True, timeout=timeout)
 
 
+# One short stage-1 epoch: enough to write a checkpoint.
+ONE_EPOCH = ("--stage1-epochs", "1", "--stage2-epochs", "0", "--batch-size", "32", "--warmup-steps", "1")
+
+
+def train_on_shards(toy, shards, out, *options):
+    """`beagle train` for the toy target on the toy shards."""
+    return beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
+                  *options, timeout=600)
+
+
 @pytest.mark.parametrize("args, words", [
     ((), ["serve", "demo"]),
     (("serve",), ["--draft", "--num-speculative-tokens", "go to vLLM"]),
@@ -57,9 +67,8 @@ def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tm
     from vllm_beagle.checkpoint import load_checkpoint
 
     out = str(tmp_path / "beagle-trained")
-    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
-                    "--window", "3", "--sim-steps", "2", "--stage1-epochs", "1", "--stage2-epochs", "1",
-                    "--batch-size", "32", "--warmup-steps", "1", "--lr", "1e-3", timeout=600)
+    result = train_on_shards(toy, shards, out, "--window", "3", "--sim-steps", "2", "--stage1-epochs", "1",
+                             "--stage2-epochs", "1", "--batch-size", "32", "--warmup-steps", "1", "--lr", "1e-3")
     assert result.returncode == 0, result.stderr[-3000:]
     cfg, _ = load_checkpoint(out, toy["target"].config.to_dict())
     assert cfg.training["sequences"] == len(shards) and cfg.training["window"] == 3
@@ -69,9 +78,7 @@ def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tm
 
 def test_train_arch_eagle_writes_vllms_eagle_format_with_only_its_own_options(toy, shards, tmp_path):
     out = str(tmp_path / "eagle-trained")
-    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
-                    "--arch", "eagle", "--stage1-epochs", "1", "--stage2-epochs", "0", "--batch-size", "32",
-                    "--warmup-steps", "1", timeout=600)
+    result = train_on_shards(toy, shards, out, "--arch", "eagle", *ONE_EPOCH)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
@@ -85,9 +92,7 @@ def test_train_with_a_draft_vocabulary_records_its_coverage(toy, shards, tmp_pat
     from vllm_beagle.checkpoint import load_checkpoint
 
     out = str(tmp_path / "beagle-vocab")
-    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
-                    "--draft-vocab", "256", "--stage1-epochs", "1", "--stage2-epochs", "0", "--batch-size", "32",
-                    "--warmup-steps", "1", timeout=600)
+    result = train_on_shards(toy, shards, out, "--draft-vocab", "256", *ONE_EPOCH)
     assert result.returncode == 0, result.stderr[-3000:]
     cfg, tensors = load_checkpoint(out, toy["target"].config.to_dict())
     assert cfg.draft_vocab_size == 256 and tensors["draft_to_target"].shape == (256,)
@@ -101,8 +106,7 @@ def test_train_with_a_draft_vocabulary_records_its_coverage(toy, shards, tmp_pat
 ])
 def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options, message):
     out = str(tmp_path / "beagle-refused")
-    result = beagle("train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--out", out,
-                    *options)
+    result = train_on_shards(toy, shards, out, *options)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not os.path.exists(out)
 
