@@ -65,8 +65,7 @@ def train_step_seconds(argv: list[str], steps: int) -> dict[str, float]:
                          f"{args.data} has {len(data)} sequences at batch size {cfg.batch_size}")
     seconds = {}
     for stage, epochs in (("stage1", (1, 0)), ("stage2", (0, 1))):
-        torch.manual_seed(cfg.seed)
-        draft, _ = new_draft(target, data, "beagle", args.kv_mode, args.draft_vocab)
+        draft, _ = new_draft(target, data, "beagle", args.kv_mode, args.draft_vocab, cfg.seed)
         stage_cfg = dataclasses.replace(cfg, stage1_epochs=epochs[0], stage2_epochs=epochs[1], save_every=10**9)
         with tempfile.TemporaryDirectory() as work:
             train(draft, data, work, stage_cfg, stop_after=1, progress=False)

@@ -145,8 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         data = ShardSet(args.data, target.config.vocab_size)
         heldout = ShardSet(heldout_dir, target.config.vocab_size) if heldout_dir else None
-        torch.manual_seed(args.seed)
-        draft, facts = new_draft(target, data, args.arch, args.kv_mode, args.draft_vocab)
+        draft, facts = new_draft(target, data, args.arch, args.kv_mode, args.draft_vocab, args.seed)
     except (ShardError, ValueError) as e:
         raise SystemExit(f"beagle train: {e}") from None
     if args.draft_vocab:

@@ -3,6 +3,7 @@ the draft vocabulary, checked against each other before any training starts."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..eagle import EagleDraft
@@ -21,8 +22,9 @@ def check_options(arch: str, kv_mode: str, draft_vocab: int) -> None:
 
 
 def new_draft(target: nn.Module, data: ShardSet, arch: str = "beagle", kv_mode: str = "concat",
-              draft_vocab: int = 0) -> tuple[Draft, dict]:
-    """(draft, facts for the checkpoint's training record). ValueError names what does not fit."""
+              draft_vocab: int = 0, seed: int = 0) -> tuple[Draft, dict]:
+    """(draft, facts for the checkpoint's training record), its weights drawn from `seed`.
+    ValueError names what does not fit."""
     check_options(arch, kv_mode, draft_vocab)
     state = state_options(data.state)
     if arch == "eagle" and state != {"state": "final_norm"}:
@@ -35,6 +37,7 @@ def new_draft(target: nn.Module, data: ShardSet, arch: str = "beagle", kv_mode: 
         raise ValueError(f"the shards in {data.folder} hold states of width {width}, but the target "
                          f"{getattr(target.config, '_name_or_path', '')} has hidden_size {cfg.hidden_size}")
     cls = EagleDraft if arch == "eagle" else ReferenceDraft
+    torch.manual_seed(seed)
     draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     facts = {}
     if draft_vocab:
