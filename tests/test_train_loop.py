@@ -74,7 +74,8 @@ def test_held_out_acceptance_is_logged_every_epoch(toy, shards, tmp_path):
     assert last["epoch"] == 2 and last["k"] == 3 and last["rounds"] > 0
     rates = last["per_position"]
     assert all(a >= b for a, b in zip(rates, rates[1:])) and abs(last["tau"] - 1 - sum(rates)) < 1e-9
-    assert last == {"step": last["step"], "epoch": 2, "k": 3, **offline_acceptance(draft, shards, 3)}
+    measured = offline_acceptance(draft, shards, 3)
+    assert last == {"step": last["step"], "epoch": 2, "k": 3, **measured, "training_sequences": measured}
 
 
 def test_two_processes_under_torchrun_reach_the_weights_of_one(toy, shards, tmp_path):

@@ -201,7 +201,7 @@ TRAIN_OPTIONS = {
     "seed": "seed of initialisation, order, offsets and noise",
     "save_every": "steps between saved training states",
     "eval_k": "draft length K of the held-out acceptance measured after every epoch",
-    "eval_sequences": "held-out sequences that measurement reads",
+    "eval_sequences": "held-out sequences that measurement reads (and as many training sequences)",
 }
 # LossConfig fields, likewise.
 LOSS_OPTIONS = {

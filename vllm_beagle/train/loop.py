@@ -61,7 +61,8 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
 
     `stop_after` ends the run after that many steps of this call (the state is saved first), as an
     interruption would; calling train again resumes. With `heldout`, the offline acceptance of
-    greedy drafting with K = eval_k is measured after every epoch and appended to eval.jsonl.
+    greedy drafting with K = eval_k is measured after every epoch, on held-out and on training
+    sequences, and appended to eval.jsonl.
 
     Under torchrun (WORLD_SIZE > 1) every process trains the same draft on its share of each batch
     and gradients are averaged across processes before each optimiser step (gloo on CPU, NCCL on
@@ -105,7 +106,7 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
             if rank == 0 and (step % cfg.save_every == 0 or step == total or done_now == stop_after):
                 _save_state(work_dir, draft, optimizer, scheduler, step)
             if rank == 0 and heldout is not None and step % per_epoch == 0:
-                _evaluate(draft, heldout, work_dir, cfg, step, step // per_epoch, bar)
+                _evaluate(draft, heldout, data, work_dir, cfg, step, step // per_epoch, bar)
             if done_now == stop_after:
                 break
     return draft
@@ -147,13 +148,17 @@ def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator
             yield loss
 
 
-def _evaluate(draft: Draft, heldout: ShardSet, work_dir: str, cfg: TrainConfig, step: int, epoch: int, bar) -> None:
+def _evaluate(draft: Draft, heldout: ShardSet, data: ShardSet, work_dir: str, cfg: TrainConfig, step: int, epoch: int,
+              bar) -> None:
+    # The same measurement on training sequences shows how much of the held-out figure is lost to overfitting.
     result = {"step": step, "epoch": epoch, "k": cfg.eval_k,
-              **offline_acceptance(draft, heldout, cfg.eval_k, cfg.eval_sequences)}
+              **offline_acceptance(draft, heldout, cfg.eval_k, cfg.eval_sequences),
+              "training_sequences": offline_acceptance(draft, data, cfg.eval_k, cfg.eval_sequences)}
     with open(os.path.join(work_dir, EVAL_FILE), "a") as f:
         f.write(json.dumps(result) + "\n")
     rates = " ".join(f"{r:.2f}" for r in result["per_position"])
-    bar.write(f"epoch {epoch}: held-out tau {result['tau']:.2f} at K = {cfg.eval_k} (per position {rates})")
+    bar.write(f"epoch {epoch}: held-out tau {result['tau']:.2f} at K = {cfg.eval_k} (per position {rates}); "
+              f"on training sequences {result['training_sequences']['tau']:.2f}")
 
 
 def last_evaluation(work_dir: str) -> dict | None:
