@@ -42,23 +42,18 @@ def train_argv(data: str, target: str, out: str, size: int, options: list[str]) 
     return ["train", "--data", data, "--target", target, "--out", out, "--draft-vocab", str(size), *options]
 
 
-def train_step_seconds(argv: list[str], steps: int) -> dict[str, float]:
-    """Seconds per training step of stage 1 and of stage 2, for the draft `beagle train argv` would train.
+def train_step_seconds(target, data, argv: list[str], steps: int) -> dict[str, float]:
+    """Seconds per training step of stage 1 and of stage 2, for the draft `beagle train argv` would train
+    (`target`, the HF model, and `data`, its shards, loaded once by the caller for every size).
 
     Each stage runs from a fresh draft: one untimed step, then a timed call of 2 steps and one of
     2 + `steps`; their difference divided by `steps` leaves out what every call pays once (optimiser
     set-up, loading and saving the training state).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from vllm_beagle.train.loop import train
     from vllm_beagle.train.new_draft import new_draft
-    from vllm_beagle.train.shards import ShardSet
 
     args = build_parser().parse_args(argv)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    data = ShardSet(args.data, target.config.vocab_size)
     cfg = train_config(args)
     if -(-len(data) // cfg.batch_size) < 5 + steps:
         raise SystemExit(f"draft_vocab.py: timing {steps} steps needs {5 + steps} batches in an epoch; "
@@ -99,26 +94,39 @@ def main() -> int:
     if not args.sizes or any(n < 0 for n in args.sizes) or args.timed_steps < 1:
         parser.error("--sizes must be >= 0 (0: the full vocabulary) and --timed-steps at least 1")
     target = args.target or smollm2_dir()
-    drafts, timings = {}, {}
+    drafts, coverages = {}, {}
     for size in args.sizes:
-        out = os.path.join(args.work, f"beagle-vocab-{size or 'full'}")
-        train = train_argv(args.data, target, out, size, options)
-        if not os.path.isfile(os.path.join(out, "config.json")):
-            print(f"draft_vocab.py: training {out}", flush=True)
-            subprocess.run([sys.executable, "-m", "vllm_beagle.cli", *train], check=True)
-        drafts[size] = out
-        timings[size] = train_step_seconds(train, args.timed_steps)
+        drafts[size] = os.path.join(args.work, f"beagle-vocab-{size or 'full'}")
+        if not os.path.isfile(os.path.join(drafts[size], "config.json")):
+            print(f"draft_vocab.py: training {drafts[size]}", flush=True)
+            subprocess.run([sys.executable, "-m", "vllm_beagle.cli",
+                            *train_argv(args.data, target, drafts[size], size, options)], check=True)
+        with open(os.path.join(drafts[size], "config.json")) as f:
+            coverages[size] = json.load(f)["beagle"]["training"].get("draft_vocab_coverage", 1.0)
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_beagle.train.shards import ShardSet
+
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    data = ShardSet(args.data, model.config.vocab_size)
+    timings = {size: train_step_seconds(model, data, train_argv(args.data, target, path, size, options),
+                                        args.timed_steps) for size, path in drafts.items()}
+    del model, data
     prompts = chat_token_ids(target, load_prompts(args.prompts, args.num_prompts))
     specs = {"plain": None}
     specs.update({(size, k): speculative_config(path, k) for k in args.ks for size, path in drafts.items()})
     summary = summarize(run_engines(target, specs, prompts, args.max_tokens))
     plain_step = 1 / summary["plain"]["tokens_per_s"]
     rows = []
-    for (size, k), r in ((key, r) for key, r in summary.items() if key != "plain"):
+    for key, r in summary.items():
+        if key == "plain":
+            continue
+        size, k = key
         round_time = r["output_tokens"] / r["tokens_per_s"] / r["num_drafts"]
-        with open(os.path.join(drafts[size], "config.json")) as f:
-            coverage = json.load(f)["beagle"]["training"].get("draft_vocab_coverage", 1.0)
-        rows.append({"size": size, "k": k, "coverage": coverage, "tau": r["tau"], "per_position": r["per_position"],
+        rows.append({"size": size, "k": k, "coverage": coverages[size], "tau": r["tau"],
+                     "per_position": r["per_position"],
                      "draft_token_cost": (round_time - plain_step) / (k * plain_step), "speedup": r["speedup"],
                      "identical_outputs": r["identical_outputs"], "prompts": r["prompts"],
                      "train_step_s": timings[size]})
