@@ -3,11 +3,15 @@ drafting (which computes only the newest row) equals a full causal pass over all
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
 
 from vllm_beagle.eagle import EagleDraft
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # vLLM's EAGLE-1 tensor names (llama_eagle.py; no `model.` prefix, no input_layernorm in layer 0).
 VLLM_EAGLE_NAMES = {
@@ -55,3 +59,21 @@ def test_chain_drafting_equals_full_causal_passes(toy):
         torch.testing.assert_close(full, predicted[step], rtol=1e-5, atol=1e-5)
         assert int(draft.logits(full).argmax()) == drafts[step]
         rows, row_states = torch.cat([rows, torch.tensor([drafts[step]])]), torch.cat([row_states, full[None]])
+
+
+def test_offline_acceptance_script_reads_both_formats(toy, shards, tmp_path):
+    """benchmarks/offline_acceptance.py loads a Beagle and an EAGLE checkpoint from disk and reports what the
+    trainer's measurement gives for the same drafts in memory."""
+    from vllm_beagle.train.evaluate import offline_acceptance
+
+    eagle = random_eagle(toy, seed=3)
+    eagle.save(str(tmp_path / "eagle-x"))
+    out = tmp_path / "offline.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "offline_acceptance.py"),
+                             "--target", toy["target_dir"], "--data", shards.folder, "--sequences", "8",
+                             "--json", str(out), toy["draft_dir"], str(tmp_path / "eagle-x")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    reported = json.loads(out.read_text())["results"]
+    for row, draft in zip(reported, (toy["draft"], eagle)):
+        assert {k: row[k] for k in ("rounds", "per_position", "tau")} == offline_acceptance(draft, shards, 3, 8)

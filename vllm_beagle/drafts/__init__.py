@@ -1,7 +1,7 @@
 """The drafts this package ships for its default target, SmolLM2-135M-Instruct, and how vLLM runs a draft.
 
-`beagle` is the Beagle draft, `eagle-baseline` the EAGLE-1 draft trained by the same trainer on the same
-data and budget; each folder's config.json records the data, the epochs and the training command.
+`beagle` is the Beagle draft, `eagle-baseline` the EAGLE-1 draft trained by the same trainer for
+comparison; each folder's config.json records the data, the epochs and the training command.
 """
 
 from __future__ import annotations

@@ -1,0 +1,62 @@
+"""Offline acceptance of draft checkpoints on held-out shards: the figure `beagle train` logs after every
+epoch (greedy chain drafting of K tokens from the true context, a round every 8th response position),
+for any Beagle or EAGLE-1 checkpoint and as many held-out sequences as wanted, without vLLM.
+
+    python benchmarks/offline_acceptance.py --data data-smollm2/heldout [--target DIR] [--k 3]
+                                            [--sequences 40] [--json F] DRAFT [DRAFT ...]
+
+DRAFT is `beagle`, `eagle-baseline` (the shipped drafts) or a checkpoint folder. Fast (seconds per
+draft on CPU) and steady across runs, so it compares drafts trained on the same data; vLLM's counters
+on real prompts (`benchmarks/acceptance.py`) remain the figure of record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from vllm_beagle.drafts import draft_path  # noqa: E402
+from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
+from vllm_beagle.train.evaluate import load_draft, offline_acceptance  # noqa: E402
+from vllm_beagle.train.shards import ShardSet  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("drafts", nargs="+", metavar="DRAFT")
+    parser.add_argument("--data", required=True, help="a folder of held-out shards written by `beagle data`")
+    parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
+    parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
+    parser.add_argument("--sequences", type=int, default=40, help="held-out sequences read (default 40)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.k < 1 or args.sequences < 1:
+        parser.error("--k and --sequences must be at least 1")
+
+    target_dir = args.target or smollm2_dir()
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    data = ShardSet(args.data, target.config.vocab_size)
+    results = []
+    print(f"{min(args.sequences, len(data))} sequences of {args.data}, K = {args.k}\n")
+    print("| draft | tau | per-position acceptance | rounds |\n|---|---|---|---|")
+    for name in args.drafts:
+        draft = load_draft(draft_path(name), target)
+        r = offline_acceptance(draft, data, args.k, args.sequences)
+        results.append({"draft": name, "k": args.k, **r})
+        rates = " / ".join(f"{x:.2f}" for x in r["per_position"])
+        print(f"| {name} | {r['tau']:.2f} | {rates} | {r['rounds']} |", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"data": os.path.abspath(args.data), "target": target_dir, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
