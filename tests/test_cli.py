@@ -114,3 +114,20 @@ def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options
 def test_train_refuses_a_folder_without_shards(toy, tmp_path):
     result = beagle("train", "--data", str(tmp_path), "--target", toy["target_dir"], "--out", str(tmp_path / "o"))
     assert result.returncode != 0 and f"no training shards (shard-*.safetensors) in {tmp_path}" in result.stderr
+
+
+@pytest.mark.vllm
+def test_eval_json_is_one_object_on_stdout(toy, tmp_path):
+    """`beagle eval --json` on a JSONL prompt file (both record forms): stdout holds the report alone, with vLLM's
+    logs elsewhere, and greedy outputs with the draft equal plain decoding."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "count on"}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "and again"}]}) + "\n")
+    result = beagle("eval", "--target", toy["target_dir"], "--draft", toy["draft_dir"], "--prompts", str(prompts),
+                    "-k", "3", "--max-tokens", "16", "--json", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert report["num_prompts"] == 2 and report["identical_outputs"] == 2, report
+    assert len(report["per_position"]) == 3 and report["tau"] == pytest.approx(1 + sum(report["per_position"]))
+    assert report["tokens_per_s_plain"] > 0 and report["speedup"] == pytest.approx(
+        report["tokens_per_s_draft"] / report["tokens_per_s_plain"])
