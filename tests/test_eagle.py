@@ -75,5 +75,6 @@ def test_offline_acceptance_script_reads_both_formats(toy, shards, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     reported = json.loads(out.read_text())["results"]
+    assert len(reported) == 2
     for row, draft in zip(reported, (toy["draft"], eagle)):
         assert {k: row[k] for k in ("rounds", "per_position", "tau")} == offline_acceptance(draft, shards, 3, 8)
