@@ -61,8 +61,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.json:  # vLLM logs to stdout unless told otherwise; keep stdout one JSON object
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from .compare import chat_token_ids, run_engines, summarize
     from .drafts import speculative_config
     from .prompts import load_prompts

@@ -26,6 +26,9 @@ def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[i
     """generate() results per engine; `specs` maps a name to a speculative config (None: plain)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM logs to stdout unless told otherwise (read when vLLM is first imported, in make_llm); stdout is
+    # where every caller prints its report (`beagle eval --json` prints one JSON object there).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     max_model_len = max(map(len, prompts)) + max_tokens + 8
     results = {}
     for name, spec in specs.items():
