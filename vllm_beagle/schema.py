@@ -274,6 +274,13 @@ def check_against_target(cfg: BeagleConfig, target: Mapping[str, Any], checkpoin
         )
 
 
+def is_beagle_checkpoint(path: str) -> bool:
+    """A Beagle checkpoint's config.json has a `beagle` section; an EAGLE-1 draft in vLLM's own format
+    (the baseline) has none."""
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
+        return "beagle" in json.load(f)
+
+
 def read_config(path: str) -> BeagleConfig:
     file = os.path.join(path, CONFIG_FILE)
     try:

@@ -6,7 +6,6 @@ comparison; each folder's config.json records the data, the epochs and the train
 
 from __future__ import annotations
 
-import json
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,13 +31,8 @@ def speculative_config(name: str, k: int) -> dict:
     """vLLM's speculative config for a draft name (a shipped one, `ngram`, or a checkpoint folder)."""
     if name == NGRAM:
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
-    path = os.path.abspath(draft_path(name))
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    if "beagle" in config:
-        from ..schema import BeagleConfig
+    from ..schema import is_beagle_checkpoint, read_config
 
-        method = BeagleConfig.from_hf_dict(config, path).method
-    else:  # an EAGLE-1 draft in vLLM's own format, such as the baseline
-        method = "eagle"
+    path = os.path.abspath(draft_path(name))
+    method = read_config(path).method if is_beagle_checkpoint(path) else "eagle"
     return {"method": method, "model": path, "num_speculative_tokens": k}

@@ -10,24 +10,19 @@ positions rather than over the positions vLLM's rounds happen to start at; vLLM'
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from tqdm import tqdm
 
 from ..eagle import EagleDraft
 from ..reference import Draft, ReferenceDraft, accepted_prefix
-from ..schema import CONFIG_FILE
+from ..schema import is_beagle_checkpoint
 from .shards import ShardSet
 
 
 def load_draft(path: str, target: torch.nn.Module) -> Draft:
-    """A checkpoint folder as the trainer's draft for an HF target: Beagle, or the EAGLE-1 baseline (vLLM's
-    own EAGLE format, which has no `beagle` section in its config)."""
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-        is_beagle = "beagle" in json.load(f)
-    return (ReferenceDraft if is_beagle else EagleDraft).from_checkpoint(path, target).eval()
+    """A checkpoint folder as the trainer's draft for an HF target: Beagle, or the EAGLE-1 baseline."""
+    cls = ReferenceDraft if is_beagle_checkpoint(path) else EagleDraft
+    return cls.from_checkpoint(path, target).eval()
 
 
 @torch.no_grad()
