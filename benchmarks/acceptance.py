@@ -29,12 +29,14 @@ from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
-    parser.add_argument("--prompts", default="mtbench")
-    parser.add_argument("--num-prompts", type=int, default=80)
-    parser.add_argument("--ks", type=int, nargs="+", default=[3, 5])
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--drafts", nargs="+", default=["beagle", "eagle-baseline", "ngram"])
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompts", default="mtbench", help="mtbench, sharegpt-heldout or a JSONL file")
+    parser.add_argument("--num-prompts", type=int, default=80, help="prompts used (default 80)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[3, 5], help="draft tokens per round (default 3 5)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0],
+                        help="sampling temperatures (default 0 1)")
+    parser.add_argument("--drafts", nargs="+", default=["beagle", "eagle-baseline", "ngram"],
+                        help="shipped draft names, ngram, or checkpoint folders (default: all three)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default="acceptance.png", help="PNG of per-position acceptance ('' for none)")
     args = parser.parse_args()

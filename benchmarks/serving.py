@@ -70,12 +70,14 @@ def bench(url: str, target: str, dataset: str, num_prompts: int, concurrency: in
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--drafts", nargs="+", default=["none", "beagle", "eagle-baseline", "ngram"])
-    parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--num-prompts", type=int, default=64, help="ShareGPT prompts per run (default 64)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16],
+                        help="client concurrencies (default 1 4 16)")
+    parser.add_argument("--drafts", nargs="+", default=["none", "beagle", "eagle-baseline", "ngram"],
+                        help="none, shipped draft names, ngram, or checkpoint folders (default: all four)")
+    parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="vLLM's context limit (default 2048)")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     target = args.target or smollm2_dir()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))

@@ -38,15 +38,16 @@ from vllm_beagle.train.objective import (  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--heads", type=int, default=9)
-    parser.add_argument("--kv-heads", type=int, default=3)
-    parser.add_argument("--intermediate", type=int, default=1536)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--window", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--hidden", type=int, default=576, help="draft width (default 576, SmolLM2-135M)")
+    parser.add_argument("--heads", type=int, default=9, help="query heads (default 9)")
+    parser.add_argument("--kv-heads", type=int, default=3, help="key/value heads (default 3)")
+    parser.add_argument("--intermediate", type=int, default=1536, help="MLP width (default 1536)")
+    parser.add_argument("--vocab", type=int, default=49152, help="target vocabulary (default 49152)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    parser.add_argument("--seq", type=int, default=1024, help="positions per sequence (default 1024)")
+    parser.add_argument("--window", type=int, default=5,
+                        help="block window; stage 2 is measured for s = 1..window (default 5)")
+    parser.add_argument("--runs", type=int, default=5, help="timed steps per configuration (default 5)")
     parser.add_argument("--draft-vocab", type=int, default=0, help="Beagle's reduced draft vocabulary (0: full)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
