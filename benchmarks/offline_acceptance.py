@@ -3,7 +3,7 @@ epoch (greedy chain drafting of K tokens from the true context, a round every 8t
 for any Beagle or EAGLE-1 checkpoint and as many held-out sequences as wanted, without vLLM.
 
     python benchmarks/offline_acceptance.py --data data-smollm2/heldout [--target DIR] [--k 3]
-                                            [--sequences 40] [--json F] DRAFT [DRAFT ...]
+                                            [--sequences 40] [--within N] [--json F] DRAFT [DRAFT ...]
 
 DRAFT is `beagle`, `eagle-baseline` (the shipped drafts) or a checkpoint folder. Fast (seconds per
 draft on CPU) and steady across runs, so it compares drafts trained on the same data; vLLM's counters
@@ -35,26 +35,31 @@ def main() -> int:
     parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
     parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
     parser.add_argument("--sequences", type=int, default=40, help="held-out sequences read (default 40)")
+    parser.add_argument("--within", type=int, default=None,
+                        help="only rounds that start among the first N response tokens (e.g. 128 to match vLLM runs of "
+                             "128 new tokens; default: the whole response)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
-    if args.k < 1 or args.sequences < 1:
-        parser.error("--k and --sequences must be at least 1")
+    if args.k < 1 or args.sequences < 1 or (args.within is not None and args.within < 1):
+        parser.error("--k, --sequences and --within must be at least 1")
 
     target_dir = args.target or smollm2_dir()
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     data = ShardSet(args.data, target.config.vocab_size)
     results = []
-    print(f"{min(args.sequences, len(data))} sequences of {args.data}, K = {args.k}\n")
+    print(f"{min(args.sequences, len(data))} sequences of {args.data}, K = {args.k}"
+          + (f", rounds within the first {args.within} response tokens" if args.within else "") + "\n")
     print("| draft | tau | per-position acceptance | rounds |\n|---|---|---|---|")
     for name in args.drafts:
         draft = load_draft(draft_path(name), target)
-        r = offline_acceptance(draft, data, args.k, args.sequences)
+        r = offline_acceptance(draft, data, args.k, args.sequences, within=args.within)
         results.append({"draft": name, "k": args.k, **r})
         rates = " / ".join(f"{x:.2f}" for x in r["per_position"])
         print(f"| {name} | {r['tau']:.2f} | {rates} | {r['rounds']} |", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"data": os.path.abspath(args.data), "target": target_dir, "results": results}, f, indent=2)
+            json.dump({"data": os.path.abspath(args.data), "target": target_dir, "within": args.within,
+                       "results": results}, f, indent=2)
     return 0
 
 

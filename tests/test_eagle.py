@@ -71,10 +71,20 @@ def test_offline_acceptance_script_reads_both_formats(toy, shards, tmp_path):
     out = tmp_path / "offline.json"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "offline_acceptance.py"),
                              "--target", toy["target_dir"], "--data", shards.folder, "--sequences", "8",
-                             "--json", str(out), toy["draft_dir"], str(tmp_path / "eagle-x")],
+                             "--within", "16", "--json", str(out), toy["draft_dir"], str(tmp_path / "eagle-x")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     reported = json.loads(out.read_text())["results"]
     assert len(reported) == 2
     for row, draft in zip(reported, (toy["draft"], eagle)):
-        assert {k: row[k] for k in ("rounds", "per_position", "tau")} == offline_acceptance(draft, shards, 3, 8)
+        expected = offline_acceptance(draft, shards, 3, 8, within=16)
+        assert {k: row[k] for k in ("rounds", "per_position", "tau")} == expected
+
+
+def test_offline_acceptance_within_keeps_the_first_rounds_of_each_response(toy, shards):
+    from vllm_beagle.train.evaluate import offline_acceptance
+
+    whole = offline_acceptance(toy["draft"], shards, 3, 8)
+    first = offline_acceptance(toy["draft"], shards, 3, 8, within=1)
+    assert first["rounds"] == 8 < whole["rounds"]  # one round per sequence: the one drafting its first response token
+    assert offline_acceptance(toy["draft"], shards, 3, 8, within=10**6) == whole

@@ -27,8 +27,12 @@ def load_draft(path: str, target: torch.nn.Module) -> Draft:
 
 @torch.no_grad()
 def offline_acceptance(draft: Draft, data: ShardSet, k: int, max_sequences: int = 16, stride: int = 8,
-                       progress: bool = False) -> dict:
-    """{"rounds", "per_position": rate at which draft position i (1..k) is accepted, "tau"}."""
+                       progress: bool = False, within: int | None = None) -> dict:
+    """{"rounds", "per_position": rate at which draft position i (1..k) is accepted, "tau"}.
+
+    within: only rounds that start among the first `within` response tokens. Long greedy responses of a
+    small target grow repetitive and easy to draft, so this matches an evaluation that stops early.
+    """
     accepted = [0] * k
     rounds = 0
     sequences = data.sequences[:max_sequences]
@@ -38,6 +42,8 @@ def offline_acceptance(draft: Draft, data: ShardSet, k: int, max_sequences: int 
         response = seq["loss_mask"].bool()
         # Round at n: the newest token is t_n, the draft proposes t_{n+1}..t_{n+k}.
         starts = [n for n in range(1, len(tokens) - k) if response[n + 1]][::stride]
+        if within is not None and starts:
+            starts = [n for n in starts if n - starts[0] < within]
         for n in starts:
             drafts, _ = draft.draft_chain(tokens[:n + 1], states[:n], k)
             for i in range(accepted_prefix(drafts, tokens[n + 1:n + 1 + k].tolist())):
