@@ -163,7 +163,7 @@ def accepted_prefix(drafts: list[int], verified: list[int]) -> int:
 
 
 @torch.no_grad()
-def simulate_greedy(target: nn.Module, draft: ReferenceDraft, prompt: list[int], max_tokens: int,
+def simulate_greedy(target: nn.Module, draft: Draft, prompt: list[int], max_tokens: int,
                     k: int) -> dict:
     """Greedy speculative decoding of one request, as vLLM's V1 engine runs it with K = k.
 
