@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -29,13 +30,26 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from vllm_beagle.cli import build_parser, train_config  # noqa: E402
 from vllm_beagle.compare import chat_token_ids, run_engines, summarize  # noqa: E402
-from vllm_beagle.drafts import speculative_config  # noqa: E402
+from vllm_beagle.drafts import draft_path, speculative_config  # noqa: E402
 from vllm_beagle.prompts import load_prompts  # noqa: E402
 from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
 
-SHIPPED_RECIPE = ["--window", "3", "--sim-steps", "3", "--stage1-epochs", "3", "--stage2-epochs", "2",
-                  "--batch-size", "4", "--max-len", "512", "--lr", "1e-3", "--warmup-steps", "50",
-                  "--save-every", "50", "--eval-sequences", "12", "--export-dtype", "float16"]
+PER_RUN_OPTIONS = ("--data", "--target", "--out", "--draft-vocab")  # what this script sets for each size
+
+
+def shipped_recipe() -> list[str]:
+    """The `beagle train` options the shipped Beagle draft was trained with (its config.json records the
+    command), less those this script sets for each size."""
+    with open(os.path.join(draft_path("beagle"), "config.json")) as f:
+        command = shlex.split(json.load(f)["beagle"]["training"]["command"])
+    options, rest = [], command[2:]  # after `beagle train`
+    while rest:
+        option = rest.pop(0)
+        if option in PER_RUN_OPTIONS:
+            rest.pop(0)
+        else:
+            options.append(option)
+    return options
 
 
 def train_argv(data: str, target: str, out: str, size: int, options: list[str]) -> list[str]:
@@ -75,7 +89,7 @@ def train_step_seconds(target, data, argv: list[str], steps: int) -> dict[str, f
 
 def main() -> int:
     argv = sys.argv[1:]
-    options = SHIPPED_RECIPE
+    options = shipped_recipe()
     if "--" in argv:
         argv, options = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -131,3 +131,29 @@ def test_eval_json_is_one_object_on_stdout(toy, tmp_path):
     assert len(report["per_position"]) == 3 and report["tau"] == pytest.approx(1 + sum(report["per_position"]))
     assert report["tokens_per_s_plain"] > 0 and report["speedup"] == pytest.approx(
         report["tokens_per_s_draft"] / report["tokens_per_s_plain"])
+
+
+def test_draft_vocab_benchmark_trains_with_the_shipped_drafts_recipe():
+    """benchmarks/draft_vocab.py reads its default `beagle train` options from the shipped Beagle draft's
+    recorded command, so the sizes it compares are trained as the shipped draft was."""
+    import importlib.util
+
+    from vllm_beagle.cli import build_parser
+    from vllm_beagle.drafts import draft_path
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "draft_vocab.py")
+    spec = importlib.util.spec_from_file_location("draft_vocab", path)
+    bench = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path[:] = saved  # the script points sys.path[0] at the repository root
+    options = bench.shipped_recipe()
+    assert not set(options) & set(bench.PER_RUN_OPTIONS)
+    args = build_parser().parse_args(["train", "--data", "d", "--target", "t", "--out", "o", *options])
+    with open(os.path.join(draft_path("beagle"), "config.json")) as f:
+        recorded = json.load(f)["beagle"]["training"]
+    for name in ("window", "sim_steps", "stage1_epochs", "stage2_epochs", "batch_size", "max_len", "lr",
+                 "warmup_steps", "save_every", "eval_sequences"):
+        assert getattr(args, name) == recorded[name], name
