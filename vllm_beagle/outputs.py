@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 
 class OutputError(OSError):
@@ -16,10 +17,9 @@ def prepare_output_dir(path: str, needed_bytes: int, what: str) -> None:
     than `needed_bytes` free (an estimate of what the run will write; 0 skips that check)."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-probe")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        # A uniquely named probe: the ranks of a torchrun job check the same folder at the same time.
+        with tempfile.TemporaryFile(dir=path) as f:
+            f.write(b"ok")
     except OSError as e:
         raise OutputError(f"cannot write {what} to {path}: {e.strerror or e}") from None
     free = shutil.disk_usage(path).free
