@@ -103,6 +103,8 @@ def test_train_with_a_draft_vocabulary_records_its_coverage(toy, shards, tmp_pat
 @pytest.mark.parametrize("options, message", [
     (["--arch", "eagle", "--draft-vocab", "64"], "--draft-vocab and --kv-mode do not apply"),
     (["--draft-vocab", "1000000"], "draft_vocab_size must be between 1 and vocab_size 32000, got 1000000"),
+    (["--window", "2", "--sim-steps", "3"], "sim_steps must be between 1 and window (2), got 3"),
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
 ])
 def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options, message):
     out = str(tmp_path / "beagle-refused")

@@ -135,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         check_options(args.arch, args.kv_mode, args.draft_vocab)
+        train_cfg = train_config(args)
     except ValueError as e:
         raise SystemExit(f"beagle train: {e}") from None
     heldout_dir = args.heldout
@@ -151,7 +152,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.draft_vocab:
         print(f"beagle train: draft vocabulary of {args.draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
-    train_cfg = train_config(args)
     work_dir = args.work_dir or args.out.rstrip("/") + ".train"
     # The training state (weights and two Adam moments, written beside the previous one) and the checkpoint.
     state_bytes = sum(p.numel() for p in draft.block.parameters()) * 4 * 3

@@ -41,6 +41,20 @@ class TrainConfig:
     eval_sequences: int = 16
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
+    def __post_init__(self):
+        # Checked here rather than where each stage starts: an impossible stage-2 option must not surface
+        # only after hours of stage 1.
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+        if self.stage2_epochs and not 1 <= self.sim_steps <= self.window:
+            raise ValueError(f"sim_steps must be between 1 and window ({self.window}), got {self.sim_steps}")
+        for name in ("batch_size", "save_every", "eval_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("stage1_epochs", "stage2_epochs", "warmup_steps", "eval_sequences"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
+
 
 def _generator(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(hash((seed,) + parts) % 2**63)
