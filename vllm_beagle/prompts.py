@@ -17,6 +17,11 @@ MTBENCH_QUESTIONS = os.path.join("fastchat", "fastchat", "llm_judge", "data", "m
 SHAREGPT_HELDOUT = 500  # records from the end of the file
 
 
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of `messages` in the target's chat template, ending where the assistant's answer starts."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def load_prompts(name: str, limit: int | None = None) -> list[list[dict]]:
     """The chat messages of each prompt in a built-in set or a JSONL file, the first `limit` of them."""
     if name == "mtbench":

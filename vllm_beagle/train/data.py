@@ -1,4 +1,4 @@
-"""Training data: chat prompts, the target's own responses (through vLLM), and shards of target states.
+"""Training data: chat conversations, the target's own responses (through vLLM), and shards of target states.
 
 `build_dataset` is `beagle data`: every stage keeps what it finished on disk (responses chunk by
 chunk, shards one by one, each file written whole under a temporary name and renamed), so an
@@ -14,6 +14,7 @@ import os
 import torch
 from tqdm import tqdm
 
+from ..prompts import chat_ids
 from ..reference import target_states
 from ..schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
 from .shards import write_shard
@@ -87,75 +88,105 @@ def _write_json(path: str, obj, indent: int | None = 2) -> None:
 
 def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | None = None, num_prompts: int = 1000,
                   max_prompt_len: int = 1024, max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 256,
-                  progress: bool = True) -> dict:
-    """Prompts (first user turns of a ShareGPT file) -> target responses (greedy, vLLM) -> shards.
+                  turns: int = 1, progress: bool = True) -> dict:
+    """Conversations (user turns of a ShareGPT file) -> target responses (greedy, vLLM) -> shards.
 
-    Records are read until `num_prompts` usable prompts are found (or the file ends). Writes `train/`
-    and `heldout/` shard folders, `responses.json` and `summary.json` under `out`, and returns the
-    summary: how many records were read, skipped as malformed, skipped as too long, where
-    the file stopped being valid JSON (if it did), and how many sequences each split holds.
+    Records are read until `num_prompts` usable conversations are found (or the file ends). The target
+    answers up to `turns` user turns of each, every turn after the first seeing its own earlier answers;
+    each answered turn makes one sequence (that turn's prompt and response, the response supervised).
+    A conversation ends early where the next prompt would exceed `max_prompt_len`. The last `heldout`
+    conversations, all their turns, are held out. Writes `train/` and `heldout/` shard folders,
+    `responses.json` and `summary.json` under `out`, and returns the summary: how many records were read,
+    skipped as malformed, skipped as too long, where the file stopped being valid JSON (if it did), and
+    how many sequences each split and each turn hold.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import sharegpt
 
+    if turns < 1:
+        raise ValueError(f"turns must be at least 1, got {turns}")
     path = dataset or sharegpt.default_path()
     records = sharegpt.ShareGPTReader(path)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    prompts, read, malformed, too_long = [], 0, 0, 0
+    conversations, read, malformed, too_long = [], 0, 0, 0
     for record in records:
         read += 1
-        text = sharegpt.first_user_turn(record)
-        if text is None:
+        texts = sharegpt.user_turns(record)
+        if texts is None:
             malformed += 1
             continue
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        if len(ids) > max_prompt_len:
+        if len(chat_ids(tokenizer, [{"role": "user", "content": texts[0]}])) > max_prompt_len:
             too_long += 1
             continue
-        prompts.append(list(ids))
-        if len(prompts) == num_prompts:
+        conversations.append(texts[:turns])
+        if len(conversations) == num_prompts:
             break
-    if not prompts:
+    if not conversations:
         raise ValueError(f"no usable prompt in {path}: {malformed} malformed, {too_long} longer than {max_prompt_len}")
     os.makedirs(out, exist_ok=True)
-    responses = _target_responses(target_dir, prompts, max_prompt_len + max_new_tokens, max_new_tokens,
+    dialogues = _target_dialogues(target_dir, tokenizer, conversations, max_prompt_len, max_new_tokens,
                                   os.path.join(out, "responses.json"), progress=progress)
-    sequences = [(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(prompts, responses)]
-    split = len(sequences) - min(heldout, len(sequences) - 1)
+    split = len(dialogues) - min(heldout, len(dialogues) - 1)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    write_examples(target, cfg, sequences[:split], os.path.join(out, "train"), shard_size, progress)
-    if split < len(sequences):
-        write_examples(target, cfg, sequences[split:], os.path.join(out, "heldout"), shard_size, progress)
+    counts = {}
+    for name, part in (("train", dialogues[:split]), ("heldout", dialogues[split:])):
+        sequences = [(p + r, [False] * len(p) + [True] * len(r)) for turns_done in part for p, r in turns_done]
+        if sequences:
+            write_examples(target, cfg, sequences, os.path.join(out, name), shard_size, progress)
+        counts[name] = len(sequences)
     summary = {"dataset": os.path.abspath(path), "records_read": read, "skipped_malformed": malformed,
-               "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": split,
-               "heldout_sequences": len(sequences) - split,
+               "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": counts["train"],
+               "heldout_sequences": counts["heldout"],
+               "sequences_per_turn": [sum(len(d) > j for d in dialogues) for j in range(turns)],
                "state": state_name(cfg), "max_new_tokens": max_new_tokens}
     _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
-def _target_responses(target_dir: str, prompts: list[list[int]], max_model_len: int, max_new_tokens: int,
-                      path: str, chunk: int = 128, progress: bool = True) -> list[list[int]]:
-    """The target's greedy responses, generated in chunks; `path` holds every finished chunk, so an
-    interrupted run generates only what is missing."""
+def _target_dialogues(target_dir: str, tokenizer, conversations: list[list[str]], max_prompt_len: int,
+                      max_new_tokens: int, path: str, chunk: int = 128,
+                      progress: bool = True) -> list[list[tuple[list[int], list[int]]]]:
+    """Per conversation, the (prompt ids, greedy response ids) of every turn the target answered.
+
+    Turn j's prompt holds the user turns up to j and the target's own answers to those before it (as
+    text, in the chat template). Conversations go through in chunks, all turns of a chunk batched turn
+    by turn; `path` holds every finished chunk, so an interrupted run generates only what is missing.
+    """
     done = []
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved["prompts"] == prompts[:len(saved["prompts"])]:
-            done = saved["responses"]
-    if len(done) == len(prompts):
+        finished = saved.get("conversations", [])
+        if finished == conversations[:len(finished)]:
+            done = [[tuple(turn) for turn in d] for d in saved["dialogues"]]
+    if len(done) == len(conversations):
         return done
     from ..offline import generate, make_llm, shutdown
 
-    llm = make_llm(target_dir, max_model_len=max_model_len, max_num_seqs=64)
-    with tqdm(total=len(prompts), initial=len(done), desc="target responses", unit="prompt",
+    llm = make_llm(target_dir, max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=64)
+    with tqdm(total=len(conversations), initial=len(done), desc="target responses", unit="conversation",
               disable=not progress) as bar:
-        while len(done) < len(prompts):
-            done += generate(llm, prompts[len(done):len(done) + chunk], max_new_tokens)["outputs"]
-            _write_json(path, {"prompts": prompts[:len(done)], "responses": done}, indent=None)
+        while len(done) < len(conversations):
+            batch = conversations[len(done):len(done) + chunk]
+            dialogues = [[] for _ in batch]
+            messages = [[] for _ in batch]
+            for j in range(max(map(len, batch))):
+                asked = []
+                for i, texts in enumerate(batch):
+                    if len(texts) <= j or len(dialogues[i]) < j:  # no turn j, or the conversation ended
+                        continue
+                    messages[i].append({"role": "user", "content": texts[j]})
+                    prompt = chat_ids(tokenizer, messages[i])
+                    if len(prompt) <= max_prompt_len:
+                        asked.append((i, prompt))
+                responses = generate(llm, [p for _, p in asked], max_new_tokens)["outputs"] if asked else []
+                for (i, prompt), response in zip(asked, responses):
+                    dialogues[i].append((prompt, response))
+                    messages[i].append({"role": "assistant",
+                                        "content": tokenizer.decode(response, skip_special_tokens=True)})
+            done += dialogues
+            _write_json(path, {"conversations": conversations[:len(done)], "dialogues": done}, indent=None)
             bar.update(len(done) - bar.n)
     shutdown(llm)
     return done

