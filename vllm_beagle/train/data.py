@@ -131,7 +131,7 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     counts = {}
     for name, part in (("train", dialogues[:split]), ("heldout", dialogues[split:])):
-        sequences = [(p + r, [False] * len(p) + [True] * len(r)) for turns_done in part for p, r in turns_done]
+        sequences = [(p + r, [False] * len(p) + [True] * len(r)) for dialogue in part for p, r in dialogue]
         if sequences:
             write_examples(target, cfg, sequences, os.path.join(out, name), shard_size, progress)
         counts[name] = len(sequences)
