@@ -1,15 +1,18 @@
 """The plugin's vLLM attention backend (kv_mode true_states), outside an engine: its visibility rule
-per draft step, and its cache writes and reads against dense attention, in both physical layouts."""
+per draft step, and its cache writes (the fused state-to-cache write the layer makes) and reads against
+the block's own K/V and dense attention, in both physical layouts."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from vllm_beagle.attention import BeagleAttentionImpl, BeagleAttentionMetadataBuilder
-from vllm_beagle.block import masked_attention
+from kernels.state_to_cache import write_states_to_cache_ref
+from vllm_beagle.attention import BeagleAttentionImpl, BeagleAttentionMetadataBuilder, split_cache
+from vllm_beagle.block import BeagleBlock, masked_attention
+from vllm_beagle.schema import BeagleConfig
 
-PAGE, KV_HEADS, HEADS, D = 32, 2, 4, 32
+PAGE, KV_HEADS, HEADS, D, HIDDEN = 32, 2, 4, 32, 96
 
 
 def common_metadata(q_lens, seq_lens):
@@ -43,13 +46,22 @@ def test_writes_then_attends_like_dense_attention(layout, draft_index):
         kv_cache = torch.zeros(2, PAGE, KV_HEADS, 2 * D).permute(0, 2, 1, 3)
     else:
         kv_cache = torch.zeros(2, KV_HEADS, PAGE, 2 * D)
+    torch.manual_seed(draft_index)
+    block = BeagleBlock(BeagleConfig(hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=HEADS,
+                                     num_key_value_heads=KV_HEADS, head_dim=D, vocab_size=16,
+                                     rms_norm_eps=1e-5, rope_parameters={"rope_theta": 10000.0},
+                                     max_position_embeddings=128))
+    torch.nn.init.normal_(block.state_norm.weight)
     impl = BeagleAttentionImpl(HEADS, D, D ** -0.5, KV_HEADS)
     q = torch.randn(seq, HEADS, D, generator=gen)
-    k, v = torch.randn(seq, KV_HEADS, D, generator=gen), torch.randn(seq, KV_HEADS, D, generator=gen)
-    slots = torch.arange(seq)
-    impl.do_kv_cache_update(None, k, v, kv_cache, slots)
-    out = impl.forward(None, q, k, v, kv_cache, build(cad, draft_index), torch.full_like(q, float("nan")))
+    states = torch.randn(seq, HIDDEN, generator=gen)
     pos = torch.arange(seq)
+    with torch.no_grad():
+        write_states_to_cache_ref(states, block.state_norm.weight, block.state_norm.eps, block.k_proj.weight,
+                                  block.v_proj.weight, pos, block.rotary.inv_freq, pos, *split_cache(kv_cache, D),
+                                  block.rotary.scaling)
+        k, v = block.keys_values(states, pos)
+    out = impl.forward(None, q, None, None, kv_cache, build(cad, draft_index), torch.full_like(q, float("nan")))
     visible = pos[None, :] <= pos[:, None]
     if draft_index:
         visible &= pos[None, :] < seq - draft_index

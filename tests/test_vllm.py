@@ -69,7 +69,8 @@ def test_true_states_mode_is_lossless_and_matches_the_simulator(engines, toy):
 
 
 def test_true_states_mode_runs_the_triton_kernel_inside_vllm(engines, toy, tmp_path):
-    """BEAGLE_FORCE_TRITON=1: the paged cross-attention kernel, interpreted, inside vLLM's CPU worker."""
+    """BEAGLE_FORCE_TRITON=1: both kernels (the fused state-to-cache write and the paged cross-attention),
+    interpreted, inside vLLM's CPU worker, give what their PyTorch references give."""
     results = run_vllm(toy["target_dir"], [
         {"name": "triton", "spec": spec(toy["draft_ts_dir"], 3),
          "calls": [{"prompts": [PARITY_PROMPT], "max_tokens": MAX_TOKENS}]},

@@ -6,8 +6,10 @@ vLLM's V1 proposer tells the metadata builder which draft step it builds for (`d
 d >= 1, `seq_lens` counts d positions past the last verified one, so the true states are the first
 `seq_lens - d` keys. The first pass after verification (d = 0) sees only true states anyway.
 
-Attention runs the Triton kernel on GPU and its PyTorch reference on CPU (vLLM does not run Triton
-on CPU); BEAGLE_FORCE_TRITON=1 runs the kernel on CPU too, under TRITON_INTERPRET=1, for tests.
+The layer (`StateAttention`) takes the rows' states rather than their K and V: one fused kernel
+normalises, projects, rotates and writes them into the paged cache, so the draft never materialises K
+and V. Both kernels run in Triton on GPU and as their PyTorch references on CPU (vLLM does not run
+Triton on CPU); BEAGLE_FORCE_TRITON=1 runs the kernels on CPU too, under TRITON_INTERPRET=1, for tests.
 Each draft layer owns its cache tensor, so K and V sit where this backend puts them: K in the first
 `head_size` channels of vLLM's logical [blocks, kv_heads, page, 2 * head_size] view, whatever the
 physical layout.
@@ -20,6 +22,10 @@ import os
 from typing import ClassVar
 
 import torch
+from torch.library import Library
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention.attention import get_attention_context
+from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name, direct_register_custom_op
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -31,6 +37,9 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
+from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
+
+from .block import BeagleBlock
 
 
 def use_triton(device: torch.device) -> bool:
@@ -105,15 +114,6 @@ class BeagleAttentionImpl(AttentionImpl[BeagleAttentionMetadata]):
             output[:n] = paged_cross_attention_ref(*args)
         return output
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        key_cache, value_cache = split_cache(kv_cache, self.head_size)
-        n = slot_mapping.shape[0]
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep].long()
-        page = key_cache.shape[1]
-        key_cache[slots // page, slots % page] = key[:n][keep].to(key_cache.dtype)
-        value_cache[slots // page, slots % page] = value[:n][keep].to(value_cache.dtype)
-
 
 class BeagleAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update = False
@@ -144,3 +144,46 @@ class BeagleAttentionBackend(AttentionBackend):
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
         return tuple(KVCacheLayout)  # read and written through strides
+
+
+def write_states(states: torch.Tensor, norm_weight: torch.Tensor, eps: float, k_weight: torch.Tensor,
+                 v_weight: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float,
+                 layer_name: LayerNameType) -> torch.Tensor:
+    """The draft layer's cache write, from the rows' states. Returns a dummy that the attention op takes,
+    so that torch.compile keeps the write before the read, as vLLM's own cache update does."""
+    _, layer, kv_cache, slot_mapping = get_attention_context(_resolve_layer_name(layer_name))
+    if slot_mapping is not None:
+        n = slot_mapping.shape[0]  # rows past it are padding
+        write = write_states_to_cache if use_triton(states.device) else write_states_to_cache_ref
+        write(states[:n], norm_weight, eps, k_weight, v_weight, positions[:n], inv_freq, slot_mapping,
+              *split_cache(kv_cache, layer.impl.head_size), rope_scale)
+    return states.new_empty(0)
+
+
+def _write_states_fake(states: torch.Tensor, *_) -> torch.Tensor:
+    return states.new_empty(0)
+
+
+_library = Library("vllm_beagle", "FRAGMENT")
+direct_register_custom_op("write_states", write_states, fake_impl=_write_states_fake, target_lib=_library)
+
+
+class StateAttention(Attention):
+    """vLLM's paged attention layer on the Beagle backend, fed the rows' states instead of K and V."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, attn_backend=BeagleAttentionBackend, **kwargs)
+
+    def forward(self, query: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
+                block: BeagleBlock) -> torch.Tensor:
+        """query: [T, heads * head_size], rotated; states: [T, hidden]; positions: [T] -> [T, heads * head_size]."""
+        name = _encode_layer_name(self.layer_name)
+        written = torch.ops.vllm_beagle.write_states(
+            states, block.state_norm.weight, block.state_norm.eps, block.k_proj.weight, block.v_proj.weight,
+            positions, block.rotary.inv_freq, block.rotary.scaling, name)
+        output = torch.empty(query.shape[0], self.num_heads * self.head_size, dtype=query.dtype, device=query.device)
+        query = query.view(-1, self.num_heads, self.head_size)
+        # The op's schema wants K and V tensors; the Beagle backend reads them from the cache only.
+        torch.ops.vllm.unified_attention_with_output(query, query, query, output.view_as(query), name,
+                                                    kv_cache_dummy_dep=written)
+        return output

@@ -1,10 +1,12 @@
 """The Beagle draft as a vLLM model, run by vLLM's EAGLE proposer (V1 and V2 runners).
 
 vLLM's EAGLE loop hands row p the token t_{p+1}, the state h_p and the position p (see block.py);
-under that shift Beagle's strict cross-attention mask is vLLM's ordinary causal mask, so the draft's
-one attention layer is a stock paged `Attention` whose K/V come from states and whose queries come
-from token embeddings. Later draft steps write K/V of the draft's own ĥ (concat mode) and the next
-verification overwrites them with true states.
+under that shift Beagle's strict cross-attention mask is vLLM's ordinary causal mask, so in concat mode
+the draft's one attention layer is a stock paged `Attention` whose K/V come from states and whose
+queries come from token embeddings. Later draft steps write K/V of the draft's own ĥ and the next
+verification overwrites them with true states. In true-states mode the layer is the plugin's
+`StateAttention`, which writes K/V from the states with one fused kernel and never lets a draft step
+see the K/V that earlier steps wrote.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.transformers_utils.configs.eagle import EAGLEConfig
 
-from .attention import BeagleAttentionBackend
+from .attention import StateAttention
 from .block import BeagleBlock
 from .checkpoint import check_tensors, load_checkpoint
 from .schema import BeagleConfig, CheckpointError, check_against_target
@@ -66,18 +68,24 @@ class BeagleDraftModel(nn.Module):
                                                    prefix=f"{prefix}.embed_tokens")
         self.block = BeagleBlock(cfg)
         # Named as a layer after the target's so that it gets its own KV cache in the target's group.
-        # Concat mode is plain causal attention, which vLLM's own backends do best.
-        self.attn = Attention(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim ** -0.5,
-                              num_kv_heads=cfg.num_key_value_heads, cache_config=vllm_config.cache_config,
-                              prefix=f"{prefix}.layers.{start_layer_id}.self_attn.attn",
-                              attn_backend=BeagleAttentionBackend if cfg.kv_mode == "true_states" else None)
+        # Concat mode is plain causal attention, which vLLM's own backends do best; true-states mode
+        # needs the plugin's backend, whose layer writes the cache from the states itself.
+        self.states_in = cfg.kv_mode == "true_states"
+        layer = StateAttention if self.states_in else Attention
+        self.attn = layer(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim ** -0.5,
+                          num_kv_heads=cfg.num_key_value_heads, cache_config=vllm_config.cache_config,
+                          prefix=f"{prefix}.layers.{start_layer_id}.self_attn.attn")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.embed_tokens(input_ids)
         q = self.block.queries(embeds, positions).flatten(-2)
-        k, v = self.block.keys_values(hidden_states, positions)
-        predicted = self.block.output(embeds, self.attn(q, k.flatten(-2), v.flatten(-2)))
+        if self.states_in:
+            attn = self.attn(q, hidden_states, positions, self.block)
+        else:
+            k, v = self.block.keys_values(hidden_states, positions)
+            attn = self.attn(q, k.flatten(-2), v.flatten(-2))
+        predicted = self.block.output(embeds, attn)
         return self.block.logits_input(predicted), predicted
 
 
