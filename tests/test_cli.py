@@ -10,6 +10,7 @@ import pytest
 
 from conftest import BEAGLE
 from vllm_beagle.cli import SERVER_MODULE, serve_command
+from vllm_beagle.train.draft_vocab import DEFAULT_SIZE
 
 
 
@@ -72,6 +73,7 @@ def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tm
     assert result.returncode == 0, result.stderr[-3000:]
     cfg, _ = load_checkpoint(out, toy["target"].config.to_dict())
     assert cfg.training["sequences"] == len(shards) and cfg.training["window"] == 3
+    assert cfg.draft_vocab_size == DEFAULT_SIZE  # the default: the toy target has 32,000 tokens
     assert cfg.training["command"].startswith("beagle train --data")
     assert os.path.exists(out + ".train/train_state.pt")
 
@@ -88,7 +90,7 @@ def test_train_arch_eagle_writes_vllms_eagle_format_with_only_its_own_options(to
     assert "window" not in training and "sim_steps" not in training, training
 
 
-def test_train_with_a_draft_vocabulary_records_its_coverage(toy, shards, tmp_path):
+def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_with_it(toy, shards, tmp_path):
     from vllm_beagle.checkpoint import load_checkpoint
 
     out = str(tmp_path / "beagle-vocab")
@@ -98,6 +100,13 @@ def test_train_with_a_draft_vocabulary_records_its_coverage(toy, shards, tmp_pat
     assert cfg.draft_vocab_size == 256 and tensors["draft_to_target"].shape == (256,)
     assert 0 < cfg.training["draft_vocab_coverage"] <= 1
     assert "draft vocabulary of 256 tokens covers" in result.stdout
+    # Resuming that training state with another draft vocabulary is refused, and the state is kept.
+    state = out + ".train/train_state.pt"
+    saved = os.path.getmtime(state)
+    result = train_on_shards(toy, shards, out, "--draft-vocab", "0", *ONE_EPOCH)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"the training state {state} was saved for another draft" in result.stderr
+    assert "lm_head.weight" in result.stderr and os.path.getmtime(state) == saved
 
 
 @pytest.mark.parametrize("options, message", [

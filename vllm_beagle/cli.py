@@ -133,12 +133,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .train.loop import last_evaluation, train
+    from .train.draft_vocab import default_size
+    from .train.loop import TrainStateError, last_evaluation, train
     from .train.new_draft import check_options, new_draft
     from .train.shards import ShardError, ShardSet
 
     try:
-        check_options(args.arch, args.kv_mode, args.draft_vocab)
+        check_options(args.arch, args.kv_mode, args.draft_vocab or 0)
         train_cfg = train_config(args)
     except ValueError as e:
         raise SystemExit(f"beagle train: {e}") from None
@@ -147,14 +148,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if heldout_dir is None and os.path.isdir(beside):
         heldout_dir = beside
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    vocab_size = target.config.vocab_size
+    draft_vocab = default_size(args.arch, vocab_size) if args.draft_vocab is None else args.draft_vocab
     try:
-        data = ShardSet(args.data, target.config.vocab_size)
-        heldout = ShardSet(heldout_dir, target.config.vocab_size) if heldout_dir else None
-        draft, facts = new_draft(target, data, args.arch, args.kv_mode, args.draft_vocab, args.seed)
+        data = ShardSet(args.data, vocab_size)
+        heldout = ShardSet(heldout_dir, vocab_size) if heldout_dir else None
+        draft, facts = new_draft(target, data, args.arch, args.kv_mode, draft_vocab, args.seed)
     except (ShardError, ValueError) as e:
         raise SystemExit(f"beagle train: {e}") from None
-    if args.draft_vocab:
-        print(f"beagle train: draft vocabulary of {args.draft_vocab} tokens covers "
+    if draft_vocab:
+        print(f"beagle train: draft vocabulary of {draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
     work_dir = args.work_dir or args.out.rstrip("/") + ".train"
     # The training state (weights and two Adam moments, written beside the previous one) and the checkpoint.
@@ -167,7 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    train(draft, data, work_dir, train_cfg, heldout=heldout, device=device)
+    try:
+        train(draft, data, work_dir, train_cfg, heldout=heldout, device=device)
+    except TrainStateError as e:
+        raise SystemExit(f"beagle train: {e}") from None
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 writes the checkpoint
     evaluation = last_evaluation(work_dir)
@@ -325,9 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(name its folder eagle-...)")
     tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
                     help="what draft steps attend to at inference (default concat)")
-    tr.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+    tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                     help="draft over the N tokens most often predicted in the data, with the draft's own LM head "
-                         "(initialised from the target's rows); 0 = the target's full vocabulary (default)")
+                         "(initialised from the target's rows); 0 = the target's full vocabulary. Default: 8192 "
+                         "for --arch beagle on a target with more tokens than that, else 0")
     tr.add_argument("--heldout", default=None, metavar="DIR",
                     help="held-out shards for the acceptance measured after every epoch "
                          "(default: a heldout folder beside DATA, if there is one)")

@@ -185,6 +185,10 @@ def last_evaluation(work_dir: str) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
+class TrainStateError(ValueError):
+    """A saved training state that does not fit the draft being trained."""
+
+
 def _save_state(work_dir, draft, optimizer, scheduler, step) -> None:
     path = os.path.join(work_dir, STATE_FILE)
     torch.save({"step": step, "block": draft.block.state_dict(), "optimizer": optimizer.state_dict(),
@@ -197,7 +201,13 @@ def _load_state(work_dir, draft, optimizer, scheduler, device) -> int:
     if not os.path.exists(path):
         return 0
     state = torch.load(path, weights_only=True, map_location=device)
-    draft.block.load_state_dict(state["block"])
+    try:
+        draft.block.load_state_dict(state["block"])
+    except RuntimeError as e:  # its first line only names the module
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise TrainStateError(f"the training state {path} was saved for another draft ({detail}). Resume with "
+                              "the options and data it was started with (--arch, --kv-mode, --draft-vocab), "
+                              "or train into another --work-dir") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
