@@ -1,8 +1,10 @@
 """The Beagle draft inside vLLM on CPU: lossless greedy output, parity with the reference simulator,
 both plugin variants, and refusal of bad checkpoints before serving."""
 
+import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -134,3 +136,27 @@ def test_eagle_baseline_runs_in_vllms_own_eagle(engines, toy, eagle_draft):
     drafted = engines["eagle"]["calls"][1]
     assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
     assert_simulator_predicts(engines, engines["eagle"]["calls"][0], eagle_draft["draft"], toy["target"], 3)
+
+
+@pytest.mark.parametrize("draft, use_v2", [("draft_ts_dir", True), ("draft_ts_dir", False), ("draft_dir", True)])
+def test_true_states_drafts_need_the_v1_model_runner(toy, draft, use_v2):
+    """vLLM's V2 runner (its GPU default; it cannot start on CPU) builds draft-step metadata without the
+    draft step, which true-states visibility needs: such a draft is refused there with the fix named."""
+    from vllm_beagle.schema import CheckpointError
+    from vllm_beagle.vllm_model import beagle_config_from_vllm
+
+    with open(os.path.join(toy[draft], "config.json")) as f:
+        draft_config = json.load(f)
+    target = toy["target"].config
+    vllm_config = SimpleNamespace(
+        use_v2_model_runner=use_v2,
+        speculative_config=SimpleNamespace(method="eagle", draft_model_config=SimpleNamespace(
+            model=toy[draft], hf_config=SimpleNamespace(to_dict=lambda: draft_config))),
+        model_config=SimpleNamespace(hf_config=target, model=toy["target_dir"],
+                                     get_total_num_hidden_layers=lambda: target.num_hidden_layers))
+    if draft == "draft_ts_dir" and use_v2:
+        with pytest.raises(CheckpointError, match="set VLLM_USE_V2_MODEL_RUNNER=0"):
+            beagle_config_from_vllm(vllm_config)
+    else:
+        cfg, checkpoint = beagle_config_from_vllm(vllm_config)
+        assert checkpoint == toy[draft] and cfg.kv_mode == draft_config["beagle"]["kv_mode"]

@@ -1,4 +1,4 @@
-"""The Beagle draft as a vLLM model, run by vLLM's EAGLE proposer (V1 and V2 runners).
+"""The Beagle draft as a vLLM model, run by vLLM's EAGLE proposer (tested with the V1 model runner).
 
 vLLM's EAGLE loop hands row p the token t_{p+1}, the state h_p and the position p (see block.py);
 under that shift Beagle's strict cross-attention mask is vLLM's ordinary causal mask, so in concat mode
@@ -47,6 +47,14 @@ def beagle_config_from_vllm(vllm_config: VllmConfig) -> tuple[BeagleConfig, str]
             f"{cfg.method!r}, but the method is {spec.method!r}. Pass \"method\": \"{cfg.method}\" in "
             f"--speculative-config (or --spec-method {cfg.method}); vLLM guesses the method from the folder "
             "name only when it contains 'eagle-' or 'eagle3'.",
+        )
+    if cfg.kv_mode == "true_states" and vllm_config.use_v2_model_runner:
+        # V2 builds draft-step metadata with the backend's plain build(), so the backend could not
+        # tell a draft step from the first pass, and draft steps would see the draft's own K/V.
+        raise CheckpointError(
+            checkpoint,
+            "kv_mode 'true_states' needs vLLM's V1 model runner, which tells the draft's attention backend "
+            "which draft step it runs; set VLLM_USE_V2_MODEL_RUNNER=0.",
         )
     target = vllm_config.model_config
     check_against_target(cfg, target.hf_config.to_dict(), checkpoint, target.model,
