@@ -206,7 +206,7 @@ def _load_state(work_dir, draft, optimizer, scheduler, device) -> int:
     except RuntimeError as e:  # its first line only names the module
         detail = " ".join(line.strip() for line in str(e).splitlines()[1:])
         raise TrainStateError(f"the training state {path} was saved for another draft ({detail}). Resume with "
-                              "the options and data it was started with (--arch, --kv-mode, --draft-vocab), "
+                              "the options and data it was started with (--arch, --draft-vocab, the shards' state), "
                               "or train into another --work-dir") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
