@@ -122,6 +122,13 @@ def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options
     assert "Traceback" not in result.stderr and not os.path.exists(out)
 
 
+def test_data_refuses_an_impossible_turn_count_before_making_its_folder(toy, tmp_path):
+    out = tmp_path / "data"
+    result = beagle("data", toy["target_dir"], "--out", str(out), "--turns", "0")
+    assert result.returncode != 0 and "beagle data: --turns must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
 def test_train_refuses_a_folder_without_shards(toy, tmp_path):
     result = beagle("train", "--data", str(tmp_path), "--target", toy["target_dir"], "--out", str(tmp_path / "o"))
     assert result.returncode != 0 and f"no training shards (shard-*.safetensors) in {tmp_path}" in result.stderr

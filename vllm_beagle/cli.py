@@ -102,10 +102,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
-    from .train.data import build_dataset
+    from .train.data import build_dataset, check_options
 
-    if args.turns < 1:
-        raise SystemExit(f"beagle data: --turns must be at least 1, got {args.turns}")
+    try:
+        check_options(args.turns)
+    except ValueError as e:
+        raise SystemExit(f"beagle data: {e}") from None
 
     state = ({"state": STATE_FINAL_NORM} if args.state_layer is None
              else {"state": STATE_LAYER, "state_layer": args.state_layer})

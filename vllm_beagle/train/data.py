@@ -86,6 +86,12 @@ def _write_json(path: str, obj, indent: int | None = 2) -> None:
     os.replace(path + ".tmp", path)
 
 
+def check_options(turns: int) -> None:
+    """ValueError for an impossible `beagle data` option; `beagle data` calls it before it makes --out."""
+    if turns < 1:
+        raise ValueError(f"--turns must be at least 1, got {turns}")
+
+
 def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | None = None, num_prompts: int = 1000,
                   max_prompt_len: int = 1024, max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 256,
                   turns: int = 1, progress: bool = True) -> dict:
@@ -104,8 +110,7 @@ def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | N
 
     from . import sharegpt
 
-    if turns < 1:
-        raise ValueError(f"turns must be at least 1, got {turns}")
+    check_options(turns)
     path = dataset or sharegpt.default_path()
     records = sharegpt.ShareGPTReader(path)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
