@@ -2,19 +2,22 @@
 of the EAGLE-1 baseline on the same batch.
 
     python benchmarks/train_memory.py [--hidden 576 --heads 9 --kv-heads 3 --vocab 49152 --batch 4 --seq 1024]
-                                      [--draft-vocab N]
+                                      [--draft-vocab N] [--json FILE]
 
 A random draft and random target states of the given shape (SmolLM2-135M's by default) stand in for
 real data: memory and time do not depend on the values. On a GPU it reports torch's peak allocated
 memory and the median step time (forward, per-step backward, optimizer step); on CPU only the step
 time. Stage 2 writes one predicted-state buffer in place and runs backward after every simulation
-step, so its peak memory should not grow with s.
+step, so its peak memory should not grow with s. On a GPU Beagle runs twice: attention through SDPA
+with the dense block mask, and through FlexAttention with the same mask made block-sparse (the
+trainer's `--attention` choices; FlexAttention has no backward pass on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -49,6 +52,7 @@ def main() -> int:
                         help="block window; stage 2 is measured for s = 1..window (default 5)")
     parser.add_argument("--runs", type=int, default=5, help="timed steps per configuration (default 5)")
     parser.add_argument("--draft-vocab", type=int, default=0, help="Beagle's reduced draft vocabulary (0: full)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -68,40 +72,55 @@ def main() -> int:
                        torch.ones(args.batch, args.seq, dtype=torch.bool, device=device))
     loss_cfg = LossConfig()
 
-    def step(kind):
+    def step(kind, flex):
         arch = "eagle" if kind == "eagle" else "beagle"
         draft, optimizer = drafts[arch], optimizers[arch]
         optimizer.zero_grad(set_to_none=True)
         if kind == "eagle":
             teacher_forced_loss(draft, batch, loss_cfg).backward()
         elif kind == "stage 1":
-            stage1_loss(draft, batch, args.window, 0, loss_cfg).backward()
+            stage1_loss(draft, batch, args.window, 0, loss_cfg, flex=flex).backward()
         else:
-            for loss, _ in stage2_losses(draft, batch, args.window, 0, kind, loss_cfg):
+            for loss, _ in stage2_losses(draft, batch, args.window, 0, kind, loss_cfg, flex=flex):
                 loss.backward()
         optimizer.step()
 
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; draft hidden {args.hidden}, "
-          f"heads {args.heads}/{args.kv_heads}, vocab {args.vocab} (Beagle drafts over "
-          f"{args.draft_vocab or args.vocab}); batch {args.batch} x {args.seq} positions, "
-          f"window {args.window}\n")
-    print("| training | peak memory (GiB) | step time (ms) |\n|---|---|---|")
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}; "
+          f"draft hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} (Beagle drafts over "
+          f"{args.draft_vocab or args.vocab}); batch {args.batch} x {args.seq} positions, window {args.window}, "
+          "fp32\n")
+    print("| training | attention | peak memory (GiB) | step time (ms) | positions/s |\n|---|---|---|---|---|")
+    # FlexAttention has no backward pass on CPU.
+    beagle_attention = ["dense", "flex"] if device == "cuda" else ["dense"]
+    configs = [(kind, attention) for attention in beagle_attention for kind in ["stage 1", *range(1, args.window + 1)]]
+    rows = []
     with torch.enable_grad():
-        for kind in ["stage 1", *range(1, args.window + 1), "eagle"]:
-            step(kind)  # warm-up
+        for kind, attention in [*configs, ("eagle", "dense")]:
+            flex = attention == "flex"
+            step(kind, flex)  # warm-up (and, for flex, compilation)
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             times = []
             for _ in range(args.runs):
                 start = time.perf_counter()
-                step(kind)
+                step(kind, flex)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) * 1e3)
-            peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if device == "cuda" else "-"
-            name = {"stage 1": "Beagle stage 1", "eagle": "EAGLE-1 baseline"}.get(kind, f"Beagle stage 2, s = {kind}")
-            print(f"| {name} | {peak} | {statistics.median(times):.1f} |", flush=True)
+            row = {"training": {"stage 1": "Beagle stage 1", "eagle": "EAGLE-1 baseline"}.get(
+                       kind, f"Beagle stage 2, s = {kind}"),
+                   "attention": "causal SDPA" if kind == "eagle" else attention,
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+                   "step_ms": statistics.median(times)}
+            rows.append(row)
+            peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
+            print(f"| {row['training']} | {row['attention']} | {peak} | {row['step_ms']:.1f} | "
+                  f"{args.batch * args.seq / row['step_ms'] * 1e3:,.0f} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                       "torch": torch.__version__, "args": vars(args), "rows": rows}, f, indent=1)
     return 0
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vllm_beagle.reference import ReferenceDraft, target_states
-from vllm_beagle.train.masks import exact_rows, stage1_mask, stage2_mask
+from vllm_beagle.schema import BeagleConfig
+from vllm_beagle.train.masks import exact_rows, stage1, stage2
 from vllm_beagle.train.objective import LossConfig, TrainBatch, stage1_loss, stage2_losses
 
 
@@ -24,7 +25,7 @@ CASES = [(n, w, o) for n in (1, 7, 20) for w in (1, 3, 5) for o in range(w)]
 @pytest.mark.parametrize("rows, window, offset", CASES)
 def test_stage1_mask_is_inverse_block_attention(rows, window, offset):
     expected = torch.tensor([[j <= brute_start(p, window, offset) for j in range(rows)] for p in range(rows)])
-    assert torch.equal(stage1_mask(rows, window, offset), expected)
+    assert torch.equal(stage1(rows, window, offset).dense(), expected)
 
 
 @pytest.mark.parametrize("rows, window, offset", CASES)
@@ -37,14 +38,69 @@ def test_stage2_masks_and_exact_rows(rows, window, offset):
             # Slot r holds the state predicted for position r, written at step r - s.
             predicted = [s < r <= p and r - s <= step - 1 for r in range(rows)]
             expected.append(true + predicted)
-        assert torch.equal(stage2_mask(rows, window, offset, step), torch.tensor(expected)), step
-        exact = [p - brute_start(p, window, offset) == step - 1 for p in range(rows)]
+        assert torch.equal(stage2(rows, window, offset, step).dense(), torch.tensor(expected)), step
+        exact = [p for p in range(rows) if p - brute_start(p, window, offset) == step - 1]
         assert exact_rows(rows, window, offset, step).tolist() == exact
+
+
+def visibilities(rows, window, offset):
+    """Stage 1's, then each stage-2 step's for its exact rows (those that have any)."""
+    steps = [stage2(rows, window, offset, step, exact_rows(rows, window, offset, step)) for step in range(1, window + 1)]
+    return [stage1(rows, window, offset)] + [v for v in steps if len(v.rows)]
+
+
+@pytest.mark.parametrize("rows, window, offset", CASES + [(300, 5, 3), (300, 1, 0)])
+def test_flex_block_masks_equal_the_dense_masks(rows, window, offset):
+    """FlexAttention reads the same rule through its mask_mod, and skips only tiles that hide every key."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    for visibility in visibilities(rows, window, offset):
+        dense, block_mask = visibility.dense(), visibility.block_mask()
+        queries, keys = dense.shape
+        assert torch.equal(create_mask(block_mask.mask_mod, None, None, queries, keys, "cpu")[0, 0], dense)
+        q_block, kv_block = block_mask.BLOCK_SIZE
+        padded = torch.zeros(-(-queries // q_block) * q_block, -(-keys // kv_block) * kv_block, dtype=torch.bool)
+        padded[:queries, :keys] = dense
+        seen = padded.unflatten(0, (-1, q_block)).unflatten(2, (-1, kv_block)).any(3).any(1)
+        assert torch.equal(block_mask.to_dense()[0, 0].bool() | ~seen, torch.ones_like(seen))
+
+
+FLEX_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_flex_attention_trains_like_dense_attention():
+    """The trainer's FlexAttention path gives SDPA's losses and, on CUDA (it has no backward on CPU), gradients."""
+    torch.manual_seed(0)
+    cfg = BeagleConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, vocab_size=512, rms_norm_eps=1e-5,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, max_position_embeddings=1024)
+    embed = torch.randn(cfg.vocab_size, cfg.hidden_size)
+    draft = ReferenceDraft(cfg, embed, embed).to(FLEX_DEVICE)
+    batch = TrainBatch(torch.randint(cfg.vocab_size, (2, 150)), torch.randn(2, 150, cfg.hidden_size),
+                       torch.rand(2, 150) < 0.8).to(FLEX_DEVICE)
+    train = FLEX_DEVICE == "cuda"
+
+    def losses_and_gradients(flex):
+        out = []
+        with torch.set_grad_enabled(train):
+            losses = [stage1_loss(draft, batch, 5, 2, LossConfig(), torch.Generator().manual_seed(0), flex)]
+            losses += (loss for loss, _ in stage2_losses(draft, batch, 5, 2, 5, LossConfig(),
+                                                         torch.Generator().manual_seed(0), flex))
+            for loss in losses:
+                draft.block.zero_grad()
+                if train:
+                    loss.backward()
+                out.append([loss.detach()] + [p.grad.clone() for p in draft.block.parameters() if train])
+        return out
+
+    for dense, flex in zip(losses_and_gradients(False), losses_and_gradients(True), strict=True):
+        for a, b in zip(dense, flex, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_window_arguments_are_checked():
     with pytest.raises(ValueError, match="0 <= offset < window"):
-        stage1_mask(5, 3, 3)
+        stage1(5, 3, 3)
 
 
 def inference_case(toy, draft, k):
@@ -78,7 +134,7 @@ def test_stage1_is_true_states_chain_drafting(toy, k):
     draft.block.load_state_dict(toy["draft"].block.state_dict())
     batch, n, chain = inference_case(toy, draft, k)
     rows = torch.arange(batch.num_rows)
-    mask = stage1_mask(batch.num_rows, k, (n - 1) % k)
+    mask = stage1(batch.num_rows, k, (n - 1) % k).dense()
     predicted = draft(batch.tokens[:, 1:], rows, batch.states[:, :-1], rows, visible=mask)
     torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], chain, rtol=1e-5, atol=1e-5)
 

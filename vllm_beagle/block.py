@@ -1,7 +1,8 @@
 """The Beagle block's math, defined once for the reference model, the trainer and the vLLM model.
 
 Everything but the attention itself lives here; each caller supplies attention over its own K/V
-store (a dense masked SDPA in the reference and the trainer, vLLM's paged `Attention` in vLLM).
+store: masked SDPA in the reference and the trainer (or FlexAttention, the trainer's block-sparse
+option), vLLM's paged `Attention` in vLLM.
 
 The one convention (DESIGN.md section 1), in vLLM's row layout: row `p` carries the state `h_p`
 (the target's, or the draft's own prediction) and the token `t_{p+1}`.
@@ -13,6 +14,8 @@ The one convention (DESIGN.md section 1), in vLLM's row layout: row `p` carries 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -134,14 +137,25 @@ class BeagleBlock(nn.Module):
         return full.index_copy_(-1, getattr(self, DRAFT_TO_TARGET), draft_logits)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Dense attention with an explicit visibility mask, GQA by head grouping.
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible) -> torch.Tensor:
+    """Attention with an explicit visibility mask, GQA by head grouping.
 
-    q: [..., T, heads, d]; k, v: [..., S, kv_heads, d]; visible: [..., T, S] bool. Returns [..., T, heads*d].
-    Every row must see at least one key.
+    q: [..., T, heads, d]; k, v: [..., S, kv_heads, d]. visible: [..., T, S] bool (SDPA), or a
+    FlexAttention BlockMask over [T, S] with q, k, v of shape [B, T or S, heads, d] (the trainer's
+    block-sparse path). Returns [..., T, heads*d]. Every row must see at least one key.
     """
-    out = F.scaled_dot_product_attention(
-        q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
-        attn_mask=visible.unsqueeze(-3), enable_gqa=q.shape[-2] != k.shape[-2],
-    )
+    q, k, v = (x.transpose(-3, -2) for x in (q, k, v))
+    gqa = q.shape[-3] != k.shape[-3]
+    if isinstance(visible, torch.Tensor):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.unsqueeze(-3), enable_gqa=gqa)
+    else:
+        out = _flex_attention()(q, k, v, block_mask=visible, enable_gqa=gqa)
     return out.transpose(-3, -2).flatten(-2)
+
+
+@functools.cache
+def _flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled, FlexAttention runs its reference path, which materialises every score.
+    return torch.compile(flex_attention)

@@ -136,13 +136,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from .train.draft_vocab import default_size
-    from .train.loop import TrainStateError, last_evaluation, train
+    from .train.loop import TrainStateError, last_evaluation, train, uses_flex
     from .train.new_draft import check_options, new_draft
     from .train.shards import ShardError, ShardSet
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         check_options(args.arch, args.kv_mode, args.draft_vocab or 0)
         train_cfg = train_config(args)
+        flex = uses_flex(train_cfg.attention, device)
     except ValueError as e:
         raise SystemExit(f"beagle train: {e}") from None
     heldout_dir = args.heldout
@@ -169,9 +173,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_output_dir(os.path.dirname(os.path.abspath(args.out)), state_bytes, "the checkpoint")
     except OutputError as e:
         raise SystemExit(f"beagle train: {e}") from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         train(draft, data, work_dir, train_cfg, heldout=heldout, device=device)
     except TrainStateError as e:
@@ -180,9 +181,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0  # rank 0 writes the checkpoint
     evaluation = last_evaluation(work_dir)
     # EAGLE-1 trains teacher-forced: the block-attention window and simulation steps never applied to it.
-    unused = {"loss"} | ({"window", "sim_steps"} if args.arch == "eagle" else set())
+    unused = {"loss"} | ({"window", "sim_steps", "attention"} if args.arch == "eagle" else set())
     draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
                           **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in unused},
+                          **({} if args.arch == "eagle" else {"attention": "flex" if flex else "dense"}),
                           **dataclasses.asdict(train_cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
                           "command": " ".join(["beagle", *sys.argv[1:]])}
@@ -214,6 +216,8 @@ TRAIN_OPTIONS = {
     "save_every": "steps between saved training states",
     "eval_k": "draft length K of the held-out acceptance measured after every epoch",
     "eval_sequences": "held-out sequences that measurement reads (and as many training sequences)",
+    "attention": "attention over Beagle's block masks: flex (FlexAttention, skips hidden tiles; CUDA only), "
+                 "dense (SDPA with the full mask) or auto (flex on CUDA, dense elsewhere)",
 }
 # LossConfig fields, likewise.
 LOSS_OPTIONS = {

@@ -39,6 +39,7 @@ class TrainConfig:
     save_every: int = 200
     eval_k: int = 3
     eval_sequences: int = 16
+    attention: str = "auto"
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
     def __post_init__(self):
@@ -54,6 +55,20 @@ class TrainConfig:
         for name in ("stage1_epochs", "stage2_epochs", "warmup_steps", "eval_sequences"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
+
+
+ATTENTION = ("auto", "flex", "dense")
+
+
+def uses_flex(attention: str, device) -> bool:
+    """Whether Beagle's block masks go through FlexAttention: `auto` takes it on CUDA, SDPA elsewhere."""
+    cuda = torch.device(device).type == "cuda"
+    if attention == "flex" and not cuda:
+        raise ValueError("attention flex needs a CUDA device: PyTorch's FlexAttention has no backward pass on "
+                         f"{torch.device(device).type}; use attention dense (or auto)")
+    return attention == "flex" or (attention == "auto" and cuda)
 
 
 def _generator(seed: int, *parts: int) -> torch.Generator:
@@ -82,6 +97,7 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
     and gradients are averaged across processes before each optimiser step (gloo on CPU, NCCL on
     GPU); only rank 0 writes the training state and measures held-out acceptance.
     """
+    flex = uses_flex(cfg.attention, device)
     rank, world = _init_distributed(device)
     draft.to(device)
     os.makedirs(work_dir, exist_ok=True)
@@ -105,7 +121,7 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
             if indices:
                 batch = data.batch(indices, cfg.max_len).to(device)
                 with torch.enable_grad():
-                    for loss in _losses(draft, batch, epoch, offset, noise, cfg):
+                    for loss in _losses(draft, batch, epoch, offset, noise, cfg, flex):
                         loss.backward()
                         shown += float(loss.detach())
             if world > 1:
@@ -151,14 +167,14 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
         p.grad.copy_(g.view_as(p))
 
 
-def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator, cfg: TrainConfig):
+def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator, cfg: TrainConfig, flex: bool):
     """The losses of one step, to be backpropagated one by one (stage 2 keeps one step's activations)."""
     if draft.arch == "eagle":  # EAGLE-1's own recipe, for as many epochs as both of Beagle's stages
         yield teacher_forced_loss(draft, batch, cfg.loss, noise)
     elif epoch < cfg.stage1_epochs:
-        yield stage1_loss(draft, batch, cfg.window, offset, cfg.loss, noise)
+        yield stage1_loss(draft, batch, cfg.window, offset, cfg.loss, noise, flex)
     else:
-        for loss, _ in stage2_losses(draft, batch, cfg.window, offset, cfg.sim_steps, cfg.loss, noise):
+        for loss, _ in stage2_losses(draft, batch, cfg.window, offset, cfg.sim_steps, cfg.loss, noise, flex):
             yield loss
 
 

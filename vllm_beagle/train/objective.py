@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import Draft, ReferenceDraft
-from .masks import exact_rows, stage1_mask, stage2_mask
+from .masks import Visibility, exact_rows, stage1, stage2
 
 
 @dataclasses.dataclass
@@ -51,6 +51,11 @@ def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator |
         # Drawn on the CPU from a seeded generator: the same noise on any device.
         keys = keys + (torch.randn(keys.shape, generator=generator) * cfg.noise_std).to(keys.device)
     return keys.to(batch.states.dtype)
+
+
+def _visible(visibility: Visibility, flex: bool):
+    # A step with no exact row (a batch shorter than the step) has no query for FlexAttention to tile.
+    return visibility.block_mask() if flex and len(visibility.rows) else visibility.dense()
 
 
 def _loss(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig, selected: torch.Tensor,
@@ -83,23 +88,28 @@ def teacher_forced_loss(draft: Draft, batch: TrainBatch, cfg: LossConfig,
 
 
 def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Inverse block attention: one forward pass, every supervised row contributes."""
-    rows = torch.arange(batch.num_rows, device=batch.tokens.device)
-    mask = stage1_mask(batch.num_rows, window, offset, batch.tokens.device)
-    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows, visible=mask)
+                generator: torch.Generator | None = None, flex: bool = False) -> torch.Tensor:
+    """Inverse block attention: one forward pass, every supervised row contributes.
+
+    flex: attend through FlexAttention's block-sparse mask rather than SDPA's dense one (same result).
+    """
+    visibility = stage1(batch.num_rows, window, offset, batch.tokens.device)
+    rows = visibility.rows
+    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows,
+                      visible=_visible(visibility, flex))
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
 def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, steps: int, cfg: LossConfig,
-                  generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  generator: torch.Generator | None = None,
+                  flex: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Training-time simulation: yields (loss, predicted) for steps 1..steps.
 
     The loss of step i supervises only the exact i-th autoregressive predictions, weighted
     window - i + 1; only those rows are computed (`predicted` [B, R, H] holds them, NaN elsewhere).
     The states written into the predicted slots are detached, so each step's loss depends on its own
     forward pass only: a caller that runs backward on it before asking for the next step keeps one
-    step's activations, whatever the number of steps (constant memory).
+    step's activations, whatever the number of steps (constant memory). flex: as in stage1_loss.
     """
     if not 1 <= steps <= window:
         raise ValueError(f"simulation steps must be between 1 and the window ({window}), got {steps}")
@@ -108,8 +118,8 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
     keys = torch.cat([_noisy_keys(batch, cfg, generator), torch.zeros_like(batch.states[:, :num_rows])], dim=1)
     key_positions = torch.cat([rows, rows])
     for step in range(1, steps + 1):
-        exact = rows[exact_rows(num_rows, window, offset, step, device)]
-        visible = stage2_mask(num_rows, window, offset, step, device)[exact]
+        exact = exact_rows(num_rows, window, offset, step, device)
+        visible = _visible(stage2(num_rows, window, offset, step, exact), flex)
         out = draft(batch.tokens[:, 1:][:, exact], exact, keys, key_positions, visible=visible)
         loss = (window - step + 1) * _loss(draft, out, batch, cfg, batch.loss_mask[:, 1:][:, exact], exact)
         predicted = out.new_full((out.shape[0], num_rows, out.shape[-1]), float("nan"))
