@@ -52,9 +52,13 @@ def main() -> int:
                         help="block window; stage 2 is measured for s = 1..window (default 5)")
     parser.add_argument("--runs", type=int, default=5, help="timed steps per configuration (default 5)")
     parser.add_argument("--draft-vocab", type=int, default=0, help="Beagle's reduced draft vocabulary (0: full)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let fp32 matrix products and FlexAttention use TF32 tensor cores (GPU)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     torch.manual_seed(0)
     cfg = BeagleConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
                        num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads, vocab_size=args.vocab,
@@ -88,7 +92,7 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}; "
           f"draft hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} (Beagle drafts over "
           f"{args.draft_vocab or args.vocab}); batch {args.batch} x {args.seq} positions, window {args.window}, "
-          "fp32\n")
+          f"fp32{' with TF32 matrix products' if args.tf32 else ''}\n")
     print("| training | attention | peak memory (GiB) | step time (ms) | positions/s |\n|---|---|---|---|---|")
     # FlexAttention has no backward pass on CPU.
     beagle_attention = ["dense", "flex"] if device == "cuda" else ["dense"]

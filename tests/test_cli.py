@@ -87,7 +87,7 @@ def test_train_arch_eagle_writes_vllms_eagle_format_with_only_its_own_options(to
     assert "beagle" not in config and config["architectures"] == ["LlamaForCausalLM"]
     training = config["training"]
     assert training["arch"] == "eagle" and training["sequences"] == len(shards)
-    assert "window" not in training and "sim_steps" not in training, training
+    assert not {"window", "sim_steps", "attention"} & set(training), training
 
 
 def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_with_it(toy, shards, tmp_path):
@@ -114,8 +114,9 @@ def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_wit
     (["--draft-vocab", "1000000"], "draft_vocab_size must be between 1 and vocab_size 32000, got 1000000"),
     (["--window", "2", "--sim-steps", "3"], "sim_steps must be between 1 and window (2), got 3"),
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
-    (["--attention", "sparse"], "attention must be one of auto, flex, dense, got 'sparse'"),
+    (["--attention", "sparse"], "attention must be one of dense, flex, got 'sparse'"),
     (["--attention", "flex", "--device", "cpu"], "attention flex needs a CUDA device"),
+    (["--tf32", "--device", "cpu"], "--tf32 needs a CUDA device"),
 ])
 def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options, message):
     out = str(tmp_path / "beagle-refused")

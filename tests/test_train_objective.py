@@ -45,7 +45,8 @@ def test_stage2_masks_and_exact_rows(rows, window, offset):
 
 def visibilities(rows, window, offset):
     """Stage 1's, then each stage-2 step's for its exact rows (those that have any)."""
-    steps = [stage2(rows, window, offset, step, exact_rows(rows, window, offset, step)) for step in range(1, window + 1)]
+    steps = [stage2(rows, window, offset, step, exact_rows(rows, window, offset, step))
+             for step in range(1, window + 1)]
     return [stage1(rows, window, offset)] + [v for v in steps if len(v.rows)]
 
 

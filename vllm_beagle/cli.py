@@ -146,7 +146,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         check_options(args.arch, args.kv_mode, args.draft_vocab or 0)
         train_cfg = train_config(args)
-        flex = uses_flex(train_cfg.attention, device)
+        uses_flex(train_cfg.attention, device)
+        if args.tf32:
+            if torch.device(device).type != "cuda":
+                raise ValueError("--tf32 needs a CUDA device")
+            torch.set_float32_matmul_precision("high")
     except ValueError as e:
         raise SystemExit(f"beagle train: {e}") from None
     heldout_dir = args.heldout
@@ -180,14 +184,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 writes the checkpoint
     evaluation = last_evaluation(work_dir)
-    # EAGLE-1 trains teacher-forced: the block-attention window and simulation steps never applied to it.
+    # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.
     unused = {"loss"} | ({"window", "sim_steps", "attention"} if args.arch == "eagle" else set())
     draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
                           **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in unused},
-                          **({} if args.arch == "eagle" else {"attention": "flex" if flex else "dense"}),
                           **dataclasses.asdict(train_cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
-                          "command": " ".join(["beagle", *sys.argv[1:]])}
+                          "tf32": args.tf32, "command": " ".join(["beagle", *sys.argv[1:]])}
     draft.to("cpu").to(getattr(torch, args.export_dtype)).save(args.out)
     print(f"beagle train: wrote {args.out}")
     return 0
@@ -216,8 +219,8 @@ TRAIN_OPTIONS = {
     "save_every": "steps between saved training states",
     "eval_k": "draft length K of the held-out acceptance measured after every epoch",
     "eval_sequences": "held-out sequences that measurement reads (and as many training sequences)",
-    "attention": "attention over Beagle's block masks: flex (FlexAttention, skips hidden tiles; CUDA only), "
-                 "dense (SDPA with the full mask) or auto (flex on CUDA, dense elsewhere)",
+    "attention": "attention over Beagle's block masks: dense (SDPA with the full mask) or flex (FlexAttention, "
+                 "skips fully hidden tiles; CUDA only; slower but lighter on an H100 in fp32)",
 }
 # LossConfig fields, likewise.
 LOSS_OPTIONS = {
@@ -354,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{help_text} (default {value})")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); under torchrun "
                                                   "each process takes the GPU of its LOCAL_RANK")
+    tr.add_argument("--tf32", action="store_true",
+                    help="on CUDA, let fp32 matrix products run on TF32 tensor cores (10-bit mantissas in the "
+                         "products; steps up to 1.7x faster on an H100 at SmolLM2's shapes)")
     tr.add_argument("--export-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                     help="dtype of the written checkpoint (default float32)")
     tr.add_argument("--work-dir", default=None, help="where the training state goes (default OUT.train)")

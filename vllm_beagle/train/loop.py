@@ -39,7 +39,7 @@ class TrainConfig:
     save_every: int = 200
     eval_k: int = 3
     eval_sequences: int = 16
-    attention: str = "auto"
+    attention: str = "dense"
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
     def __post_init__(self):
@@ -59,16 +59,17 @@ class TrainConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
 
 
-ATTENTION = ("auto", "flex", "dense")
+# Dense (SDPA with the full mask) is the default everywhere: on an H100 in fp32, FlexAttention's block-sparse
+# path made every training step slower (benchmarks/train_memory.py; README) for 5-18% less memory.
+ATTENTION = ("dense", "flex")
 
 
 def uses_flex(attention: str, device) -> bool:
-    """Whether Beagle's block masks go through FlexAttention: `auto` takes it on CUDA, SDPA elsewhere."""
-    cuda = torch.device(device).type == "cuda"
-    if attention == "flex" and not cuda:
+    """Whether Beagle's block masks go through FlexAttention; refuses it where it cannot train."""
+    if attention == "flex" and torch.device(device).type != "cuda":
         raise ValueError("attention flex needs a CUDA device: PyTorch's FlexAttention has no backward pass on "
-                         f"{torch.device(device).type}; use attention dense (or auto)")
-    return attention == "flex" or (attention == "auto" and cuda)
+                         f"{torch.device(device).type}; use attention dense")
+    return attention == "flex"
 
 
 def _generator(seed: int, *parts: int) -> torch.Generator:

@@ -22,6 +22,7 @@ block-sparse mask whose fully hidden tiles are skipped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -84,3 +85,16 @@ def exact_rows(num_rows: int, window: int, offset: int, step: int, device=None) 
     _check(window, offset)
     rows = torch.arange(num_rows, device=device)
     return rows[rows - _start(rows, window, offset) == step - 1]
+
+
+@functools.lru_cache(maxsize=256)
+def block_mask(num_rows: int, window: int, offset: int, step: int, device: torch.device):
+    """FlexAttention's mask of stage 1 (step 0) or of stage-2 step `step` for its exact rows.
+
+    Cached: building one takes longer than the attention it serves, and a run asks for the same few
+    (one per sequence length, offset and step) at every training step.
+    """
+    if step == 0:
+        return stage1(num_rows, window, offset, device).block_mask()
+    rows = exact_rows(num_rows, window, offset, step, device)
+    return stage2(num_rows, window, offset, step, rows, device).block_mask()

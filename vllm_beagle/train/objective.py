@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import Draft, ReferenceDraft
-from .masks import Visibility, exact_rows, stage1, stage2
+from .masks import block_mask, exact_rows, stage1, stage2
 
 
 @dataclasses.dataclass
@@ -51,11 +51,6 @@ def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator |
         # Drawn on the CPU from a seeded generator: the same noise on any device.
         keys = keys + (torch.randn(keys.shape, generator=generator) * cfg.noise_std).to(keys.device)
     return keys.to(batch.states.dtype)
-
-
-def _visible(visibility: Visibility, flex: bool):
-    # A step with no exact row (a batch shorter than the step) has no query for FlexAttention to tile.
-    return visibility.block_mask() if flex and len(visibility.rows) else visibility.dense()
 
 
 def _loss(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig, selected: torch.Tensor,
@@ -93,10 +88,11 @@ def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: i
 
     flex: attend through FlexAttention's block-sparse mask rather than SDPA's dense one (same result).
     """
-    visibility = stage1(batch.num_rows, window, offset, batch.tokens.device)
-    rows = visibility.rows
-    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows,
-                      visible=_visible(visibility, flex))
+    num_rows, device = batch.num_rows, batch.tokens.device
+    rows = torch.arange(num_rows, device=device)
+    visible = (block_mask(num_rows, window, offset, 0, device) if flex
+               else stage1(num_rows, window, offset, device).dense())
+    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows, visible=visible)
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
@@ -119,7 +115,9 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
     key_positions = torch.cat([rows, rows])
     for step in range(1, steps + 1):
         exact = exact_rows(num_rows, window, offset, step, device)
-        visible = _visible(stage2(num_rows, window, offset, step, exact), flex)
+        # A step without exact rows (a batch shorter than the step) has no query for FlexAttention to tile.
+        visible = (block_mask(num_rows, window, offset, step, device) if flex and len(exact)
+                   else stage2(num_rows, window, offset, step, exact, device).dense())
         out = draft(batch.tokens[:, 1:][:, exact], exact, keys, key_positions, visible=visible)
         loss = (window - step + 1) * _loss(draft, out, batch, cfg, batch.loss_mask[:, 1:][:, exact], exact)
         predicted = out.new_full((out.shape[0], num_rows, out.shape[-1]), float("nan"))
