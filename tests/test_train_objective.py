@@ -47,12 +47,12 @@ def visibilities(rows, window, offset):
     """Stage 1's, then each stage-2 step's for its exact rows (those that have any)."""
     steps = [stage2(rows, window, offset, step, exact_rows(rows, window, offset, step))
              for step in range(1, window + 1)]
-    return [stage1(rows, window, offset)] + [v for v in steps if len(v.rows)]
+    return [stage1(rows, window, offset)] + [v for v in steps if len(v.true_end)]
 
 
 @pytest.mark.parametrize("rows, window, offset", CASES + [(300, 5, 3), (300, 1, 0)])
 def test_flex_block_masks_equal_the_dense_masks(rows, window, offset):
-    """FlexAttention reads the same rule through its mask_mod, and skips only tiles that hide every key."""
+    """FlexAttention reads the same bounds through its mask_mod, and skips only tiles that hide every key."""
     from torch.nn.attention.flex_attention import create_mask
 
     for visibility in visibilities(rows, window, offset):
@@ -67,6 +67,21 @@ def test_flex_block_masks_equal_the_dense_masks(rows, window, offset):
 
 
 FLEX_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_one_compiled_flex_kernel_serves_every_mask_of_a_shape():
+    """A mask_mod that captured Python numbers would recompile FlexAttention for every window, offset and
+    step, and past torch's recompile limit fall back to the unfused path that materialises every score."""
+    from vllm_beagle.block import masked_attention
+
+    q, k, v = (torch.randn(2, 40, heads, 16, device=FLEX_DEVICE) for heads in (4, 2, 2))
+    masks = [stage1(40, window, offset, FLEX_DEVICE).block_mask() for window, offset in [(5, 0), (5, 3), (3, 1)]]
+    first, *others = masks
+    with torch.no_grad():
+        masked_attention(q, k, v, first)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for mask in others:
+                masked_attention(q, k, v, mask)
 
 
 def test_flex_attention_trains_like_dense_attention():

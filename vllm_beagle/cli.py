@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "each process takes the GPU of its LOCAL_RANK")
     tr.add_argument("--tf32", action="store_true",
                     help="on CUDA, let fp32 matrix products run on TF32 tensor cores (10-bit mantissas in the "
-                         "products; steps up to 1.7x faster on an H100 at SmolLM2's shapes)")
+                         "products; steps 1.1 to 1.6x faster on an H100 at SmolLM2's shapes)")
     tr.add_argument("--export-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                     help="dtype of the written checkpoint (default float32)")
     tr.add_argument("--work-dir", default=None, help="where the training state goes (default OUT.train)")

@@ -14,40 +14,50 @@ Stage 2 (training-time simulation): the keys are [T true states | T predicted-st
 the predicted state at position p + 1, is written into slot p + 1, and at step i + 1 the rows of the
 window also see the slots s < r <= min(p, s + i). That is what concat-mode draft steps see.
 
-Each mask is a rule on (row, key) index tensors, so that one definition serves both attention paths:
-broadcast over every pair it is the dense mask of SDPA; as FlexAttention's mask_mod it becomes a
-block-sparse mask whose fully hidden tiles are skipped.
+Every row of both stages sees a prefix of the true keys and, in stage 2, a run of predicted slots:
+keys j <= true_end and slots_start < j <= slots_end (key indices, the slots numbered after the true keys).
+The masks are these three bounds per query, so one definition serves both attention paths: compared with
+every key it is the dense mask of SDPA; read by FlexAttention's mask_mod it becomes a block-sparse mask
+whose fully hidden tiles are skipped. The mask_mod captures only tensors, so that one compiled kernel
+serves every mask of a run (captured Python numbers would compile a kernel per mask).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 
 import torch
 
 
+def _visible(key, true_end, slots_start, slots_end):
+    return (key <= true_end) | ((key > slots_start) & (key <= slots_end))
+
+
 @dataclasses.dataclass(frozen=True)
 class Visibility:
-    """The keys 0..num_keys-1 that each query sees; query q is row rows[q]."""
+    """The keys 0..num_keys-1 that each query sees, as per-query bounds ([Q] long each)."""
 
-    rows: torch.Tensor  # [Q] long
     num_keys: int
-    rule: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (row, key) -> visible, elementwise
+    true_end: torch.Tensor
+    slots_start: torch.Tensor
+    slots_end: torch.Tensor
 
     def dense(self) -> torch.Tensor:
         """[Q, num_keys] bool."""
-        keys = torch.arange(self.num_keys, device=self.rows.device)
-        return self.rule(self.rows[:, None], keys[None, :])
+        keys = torch.arange(self.num_keys, device=self.true_end.device)
+        return _visible(keys[None, :], self.true_end[:, None], self.slots_start[:, None], self.slots_end[:, None])
 
     def block_mask(self):
         """The same mask as a FlexAttention BlockMask, shared by every sequence and head."""
         from torch.nn.attention.flex_attention import create_block_mask
 
-        rows, rule = self.rows, self.rule
-        return create_block_mask(lambda b, h, q, kv: rule(rows[q], kv), None, None, len(rows), self.num_keys,
-                                 device=rows.device)
+        true_end, slots_start, slots_end = self.true_end, self.slots_start, self.slots_end
+
+        def mask_mod(b, h, q, kv):
+            return _visible(kv, true_end[q], slots_start[q], slots_end[q])
+
+        return create_block_mask(mask_mod, None, None, len(true_end), self.num_keys, device=true_end.device)
 
 
 def _check(window: int, offset: int) -> None:
@@ -63,21 +73,18 @@ def _start(row: torch.Tensor, window: int, offset: int) -> torch.Tensor:
 def stage1(num_rows: int, window: int, offset: int, device=None) -> Visibility:
     """Every row: row p sees true key j iff j <= start(p)."""
     _check(window, offset)
-    return Visibility(torch.arange(num_rows, device=device), num_rows,
-                      lambda row, key: key <= _start(row, window, offset))
+    start = _start(torch.arange(num_rows, device=device), window, offset)
+    none = torch.full_like(start, -1)
+    return Visibility(num_rows, start, none, none)
 
 
 def stage2(num_rows: int, window: int, offset: int, step: int, rows: torch.Tensor | None = None,
            device=None) -> Visibility:
     """Simulation step `step` (1-based) for `rows` (default every row): true keys, then predicted slots."""
     _check(window, offset)
-
-    def rule(row, key):
-        start, slot = _start(row, window, offset), key - num_rows
-        # A true key j < num_rows has slot < 0 and a slot key has key > start: one test each side.
-        return (key <= start) | ((slot > start) & (slot <= torch.minimum(row, start + step - 1)))
-
-    return Visibility(torch.arange(num_rows, device=device) if rows is None else rows, 2 * num_rows, rule)
+    rows = torch.arange(num_rows, device=device) if rows is None else rows
+    start = _start(rows, window, offset)
+    return Visibility(2 * num_rows, start, num_rows + start, num_rows + torch.minimum(rows, start + step - 1))
 
 
 def exact_rows(num_rows: int, window: int, offset: int, step: int, device=None) -> torch.Tensor:
