@@ -56,7 +56,9 @@ def test_chain_drafting_equals_full_causal_passes(toy):
     rows, row_states = tokens[1:], states
     for step in range(3):
         full = draft(rows, torch.arange(len(rows)), row_states)[-1]  # every row's output, keep the last
-        torch.testing.assert_close(full, predicted[step], rtol=1e-5, atol=1e-5)
+        # fp32 rounding scales with the states (about 10 here), and each step feeds the last one back.
+        scale = float(full.abs().max())
+        torch.testing.assert_close(full, predicted[step], rtol=1e-5, atol=1e-5 * scale)
         assert int(draft.logits(full).argmax()) == drafts[step]
         rows, row_states = torch.cat([rows, torch.tensor([drafts[step]])]), torch.cat([row_states, full[None]])
 
