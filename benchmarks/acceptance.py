@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--drafts", nargs="+", default=["beagle", "eagle-baseline", "ngram"],
                         help="shipped draft names, ngram, or checkpoint folders (default: all three)")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
+    parser.add_argument("--eager", action="store_true",
+                        help="vLLM without compilation (default: compiled, as users run it)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default="acceptance.png", help="PNG of per-position acceptance ('' for none)")
     args = parser.parse_args()
@@ -46,9 +48,10 @@ def main() -> int:
     for temperature in args.temperatures:
         specs = {"plain": None}
         specs.update({f"{d}, K = {k}": speculative_config(d, k) for k in args.ks for d in args.drafts})
-        results = run_engines(target, specs, prompts, args.max_tokens, temperature)
+        results = run_engines(target, specs, prompts, args.max_tokens, temperature, eager=args.eager)
         table[temperature] = summarize(results)
-    print(f"\n{len(prompts)} {args.prompts} prompts, up to {args.max_tokens} new tokens, batch 1\n")
+    mode = "eager" if args.eager else "compiled"
+    print(f"\n{len(prompts)} {args.prompts} prompts, up to {args.max_tokens} new tokens, batch 1, vLLM {mode}\n")
     print("| temperature | drafting | tau | per-position acceptance | tokens/s | speed-up | identical outputs |")
     print("|---|---|---|---|---|---|---|")
     for temperature, rows in table.items():
@@ -60,7 +63,7 @@ def main() -> int:
                   f"{r['speedup']:.2f}x | {same} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": target, "prompts": args.prompts, "num_prompts": len(prompts),
+            json.dump({"target": target, "prompts": args.prompts, "num_prompts": len(prompts), "eager": args.eager,
                        "max_tokens": args.max_tokens, "results": {str(t): r for t, r in table.items()}}, f, indent=2)
     if args.plot:
         plot(table, args.plot)

@@ -103,6 +103,8 @@ def main() -> int:
     parser.add_argument("--ks", type=int, nargs="+", default=[3, 5], help="draft tokens per round (default 3 5)")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     parser.add_argument("--timed-steps", type=int, default=10, help="training steps timed per stage (default 10)")
+    parser.add_argument("--eager", action="store_true",
+                        help="vLLM without compilation (default: compiled, as users run it)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if not args.sizes or any(n < 0 for n in args.sizes) or args.timed_steps < 1:
@@ -131,7 +133,7 @@ def main() -> int:
     prompts = chat_token_ids(target, load_prompts(args.prompts, args.num_prompts))
     specs = {"plain": None}
     specs.update({(size, k): speculative_config(path, k) for k in args.ks for size, path in drafts.items()})
-    summary = summarize(run_engines(target, specs, prompts, args.max_tokens))
+    summary = summarize(run_engines(target, specs, prompts, args.max_tokens, eager=args.eager))
     plain_step = 1 / summary["plain"]["tokens_per_s"]
     rows = []
     for key, r in summary.items():

@@ -30,13 +30,8 @@ import torch  # noqa: E402
 from vllm_beagle.eagle import EagleDraft  # noqa: E402
 from vllm_beagle.reference import ReferenceDraft  # noqa: E402
 from vllm_beagle.schema import BeagleConfig  # noqa: E402
-from vllm_beagle.train.objective import (  # noqa: E402
-    LossConfig,
-    TrainBatch,
-    stage1_loss,
-    stage2_losses,
-    teacher_forced_loss,
-)
+from vllm_beagle.train.objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss  # noqa: E402
+from vllm_beagle.train.shards import TrainBatch  # noqa: E402
 
 
 def main() -> int:

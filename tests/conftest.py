@@ -58,10 +58,16 @@ def toy(tmp_path_factory):
         "target": target,
         "draft": build_draft(target, str(root / "beagle-draft")),
         "draft_dir": str(root / "beagle-draft"),
-        "draft3": build_draft(target, str(root / "beagle3-draft"), state_layer=layers),
+        "draft3": build_draft(target, str(root / "beagle3-draft"), state=f"layer:{layers}"),
         "draft3_dir": str(root / "beagle3-draft"),
         "draft_ts": build_draft(target, str(root / "beagle-true-states"), kv_mode="true_states"),
         "draft_ts_dir": str(root / "beagle-true-states"),
+        # Every state the toy target has: the embedding output, and the residuals after its two layers.
+        "draft_fused": build_draft(target, str(root / "beagle3-fused"), state=f"fused:0,1,{layers}"),
+        "draft_fused_dir": str(root / "beagle3-fused"),
+        "draft_fused_ts": build_draft(target, str(root / "beagle3-fused-ts"), state=f"fused:0,1,{layers}",
+                                      kv_mode="true_states"),
+        "draft_fused_ts_dir": str(root / "beagle3-fused-ts"),
     }
 
 
@@ -105,7 +111,8 @@ def eagle_draft(toy, tmp_path_factory):
 @pytest.fixture(scope="session")
 def engines(toy, eagle_draft, tmp_path_factory):
     """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, a true-states draft, a
-    reduced-vocabulary draft and vLLM's own EAGLE-1 running our exported baseline at K = 3.
+    reduced-vocabulary draft, fused-state drafts in both kv modes and vLLM's own EAGLE-1 running our
+    exported baseline at K = 3.
 
     The parity request runs alone first on each drafting engine, so that its counters are its own. The
     K = 3 engines also take the batch with every other prompt sampled (MIXED_TEMPERATURES).
@@ -118,6 +125,8 @@ def engines(toy, eagle_draft, tmp_path_factory):
              for k in KS]
     runs.append({"name": "true_states", "spec": spec(toy["draft_ts_dir"], 3), "calls": [parity, batch]})
     runs.append({"name": "draft_vocab", "spec": spec(toy["draft_vocab_dir"], 3), "calls": [parity, batch]})
+    for name in ("draft_fused", "draft_fused_ts"):
+        runs.append({"name": name, "spec": spec(toy[name + "_dir"], 3, "eagle3"), "calls": [parity, batch]})
     runs.append({"name": "eagle", "spec": spec(eagle_draft["dir"], 3), "calls": [parity, batch, mixed]})
     return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))
 

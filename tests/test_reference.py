@@ -1,6 +1,7 @@
 """The reference draft against DESIGN.md section 1, written out independently here in the paper's
 indexing (query at the token's own position i, keys h_j for j < i), with plain loops."""
 
+import dataclasses
 import math
 
 import torch
@@ -87,3 +88,17 @@ def test_layer_state_is_the_pre_norm_residual(toy):
     torch.testing.assert_close(target.model.norm(pre), post)
     torch.testing.assert_close(logits, logits2)
     torch.testing.assert_close(logits, target(ids[None]).logits[0])
+
+
+def test_fused_state_is_the_chosen_layers_residuals_side_by_side(toy):
+    """The fused kind's target state is vLLM's aux states concatenated in layer order, each the same
+    residual a one-layer draft reads; the draft's combine projects it with its fc."""
+    fused, target = toy["draft_fused"], toy["target"]
+    ids = torch.tensor([1, 450, 7483, 310, 3444, 338])
+    states = target_states(target, ids, fused.cfg).states
+    layers = fused.cfg.state_layers
+    assert states.shape == (len(ids), len(layers) * fused.cfg.hidden_size)
+    for part, layer in zip(states.split(fused.cfg.hidden_size, dim=-1), layers, strict=True):
+        one = dataclasses.replace(toy["draft3"].cfg, state_layer=layer)
+        torch.testing.assert_close(part, target_states(target, ids, one).states)
+    torch.testing.assert_close(fused.combine(states), states @ fused.block.fc.weight.T)

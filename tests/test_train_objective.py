@@ -10,7 +10,8 @@ import torch
 from vllm_beagle.reference import ReferenceDraft, target_states
 from vllm_beagle.schema import BeagleConfig
 from vllm_beagle.train.masks import exact_rows, stage1, stage2
-from vllm_beagle.train.objective import LossConfig, TrainBatch, stage1_loss, stage2_losses
+from vllm_beagle.train.objective import LossConfig, stage1_loss, stage2_losses
+from vllm_beagle.train.shards import TrainBatch
 
 
 def brute_start(p, window, offset):
@@ -128,14 +129,16 @@ def inference_case(toy, draft, k):
     with_bonus = torch.cat([context, logits[-1].argmax()[None]])
     drafts, predicted = draft.draft_chain(with_bonus, states, k)
     tokens = torch.cat([with_bonus, torch.tensor(drafts[:k - 1], dtype=torch.long)])
-    all_states = target_states(target, tokens, draft.cfg).states
-    batch = TrainBatch(tokens[None], all_states[None], torch.ones(1, len(tokens), dtype=torch.bool))
+    out = target_states(target, tokens, draft.cfg)
+    final = None if draft.cfg.state == "final_norm" else out.final[None]
+    batch = TrainBatch(tokens[None], out.states[None], torch.ones(1, len(tokens), dtype=torch.bool), final)
     return batch, n, predicted
 
 
+@pytest.mark.parametrize("name", ["draft", "draft_fused"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_stage2_simulation_is_concat_chain_drafting(toy, k):
-    draft = toy["draft"]
+def test_stage2_simulation_is_concat_chain_drafting(toy, k, name):
+    draft = toy[name]
     batch, n, chain = inference_case(toy, draft, k)
     offset = (n - 1) % k  # a window starts at the row of the last true state
     simulated = [predicted[0, n - 1 + i] for i, (_, predicted) in
@@ -143,15 +146,16 @@ def test_stage2_simulation_is_concat_chain_drafting(toy, k):
     torch.testing.assert_close(torch.stack(simulated), chain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["draft", "draft_fused"])
 @pytest.mark.parametrize("k", [3, 5])
-def test_stage1_is_true_states_chain_drafting(toy, k):
-    cfg = dataclasses.replace(toy["draft"].cfg, kv_mode="true_states")
-    draft = ReferenceDraft(cfg, toy["draft"].embed_weight, toy["draft"].lm_head_weight)
-    draft.block.load_state_dict(toy["draft"].block.state_dict())
+def test_stage1_is_true_states_chain_drafting(toy, k, name):
+    cfg = dataclasses.replace(toy[name].cfg, kv_mode="true_states")
+    draft = ReferenceDraft(cfg, toy[name].embed_weight, toy[name].lm_head_weight)
+    draft.block.load_state_dict(toy[name].block.state_dict())
     batch, n, chain = inference_case(toy, draft, k)
     rows = torch.arange(batch.num_rows)
     mask = stage1(batch.num_rows, k, (n - 1) % k).dense()
-    predicted = draft(batch.tokens[:, 1:], rows, batch.states[:, :-1], rows, visible=mask)
+    predicted = draft(batch.tokens[:, 1:], rows, draft.combine(batch.states[:, :-1]), rows, visible=mask)
     torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], chain, rtol=1e-5, atol=1e-5)
 
 

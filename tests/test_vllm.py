@@ -70,6 +70,16 @@ def test_true_states_mode_is_lossless_and_matches_the_simulator(engines, toy):
     assert_simulator_predicts(engines, engines["true_states"]["calls"][0], toy["draft_ts"], toy["target"], 3)
 
 
+@pytest.mark.parametrize("name", ["draft_fused", "draft_fused_ts"])
+def test_fused_states_are_lossless_and_match_the_simulator(engines, toy, name):
+    """Keys and values from several target layers' residuals through the draft's own fc: vLLM's eagle3 aux
+    states and combine_hidden_states, in both kv modes, are exactly what the reference simulates."""
+    drafted = engines[name]["calls"][1]
+    assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
+    assert drafted["spec"]["num_drafts"] > 0
+    assert_simulator_predicts(engines, engines[name]["calls"][0], toy[name], toy["target"], 3)
+
+
 def test_true_states_mode_runs_the_triton_kernel_inside_vllm(engines, toy, tmp_path):
     """BEAGLE_FORCE_TRITON=1: both kernels (the fused state-to-cache write and the paged cross-attention),
     interpreted, inside vLLM's CPU worker, give what their PyTorch references give."""

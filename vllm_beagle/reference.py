@@ -13,7 +13,7 @@ from torch import nn
 
 from .block import BeagleBlock, masked_attention
 from .checkpoint import load_checkpoint, save_checkpoint
-from .schema import STATE_FINAL_NORM, BeagleConfig
+from .schema import BeagleConfig
 
 
 class Draft(nn.Module):
@@ -32,6 +32,10 @@ class Draft(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(tokens, self.embed_weight)
+
+    def combine(self, target_states: torch.Tensor) -> torch.Tensor:
+        """The target's states as the draft's keys and values read them (vLLM's combine_hidden_states)."""
+        return target_states
 
     def use_draft_vocab(self, token_ids: torch.Tensor) -> None:
         """Draft over these target tokens; the draft's LM head starts as the target's rows for them."""
@@ -82,6 +86,9 @@ class ReferenceDraft(Draft):
         draft.block.load_state_dict(tensors)
         return draft.to(target.dtype)
 
+    def combine(self, target_states: torch.Tensor) -> torch.Tensor:
+        return self.block.combine(target_states)
+
     def save(self, path: str) -> None:
         """The checkpoint holds the block only; embedding and LM head come from the target when served."""
         save_checkpoint(path, self.cfg, self.block.state_dict())
@@ -91,7 +98,7 @@ class ReferenceDraft(Draft):
         """Predicted states ĥ for query rows.
 
         tokens/positions: [..., T], row p's token t_{p+1} and p; states/state_positions: [..., S, H] and
-        [..., S]. visible: [..., T, S]; by default the causal rule `state position <= row position`.
+        [..., S], states as the block reads them (the target's through `combine`, or predicted ones). visible: [..., T, S]; by default the causal rule `state position <= row position`.
         """
         if visible is None:
             visible = state_positions.unsqueeze(-2) <= positions.unsqueeze(-1)
@@ -104,12 +111,13 @@ class ReferenceDraft(Draft):
     def draft_chain(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
         """Greedy chain drafting as vLLM does it: the k draft tokens and the k states ĥ behind them.
 
-        tokens: t_0..t_n, the sequence so far including the newest token; states: the true states
-        h_0..h_{n-1}. Drafts tokens for positions n+1..n+k. Each step's row sits one position further
+        tokens: t_0..t_n, the sequence so far including the newest token; states: the target's states
+        h_0..h_{n-1} as `target_states` returns them. Drafts tokens for positions n+1..n+k. Each step's row sits one position further
         on; in concat mode its key/value set also gains the ĥ the previous step predicted, in
         true_states mode it keeps the true states only.
         """
         n = states.shape[0]
+        states = self.combine(states)
         positions = torch.arange(n)
         predicted = [self(tokens[n:n + 1], positions[-1:], states, positions)[-1]]
         drafts = [int(self.logits(predicted[-1]).argmax())]
@@ -134,23 +142,24 @@ def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> Ta
 
     final_norm: the draft reads the last, post-norm hidden state (vLLM `method: eagle`). layer l: the
     pre-norm residual after decoder layer l-1, l = 0 being the embedding output (vLLM `method: eagle3`
-    aux ids).
+    aux ids); fused: those of several layers, concatenated in the order of `cfg.state_layers`, as vLLM
+    concatenates its aux states.
     """
     batched = ids.dim() == 2
     ids = ids if batched else ids[None]
     captured = {}
-    hook = None
-    if cfg.state != STATE_FINAL_NORM:
-        module = (target.get_input_embeddings() if cfg.state_layer == 0
-                  else target.model.layers[cfg.state_layer - 1])
-        hook = module.register_forward_hook(
-            lambda _m, _i, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    hooks = []
+    for layer in dict.fromkeys(cfg.aux_layers):
+        module = target.get_input_embeddings() if layer == 0 else target.model.layers[layer - 1]
+        hooks.append(module.register_forward_hook(
+            lambda _m, _i, out, layer=layer: captured.__setitem__(layer, out[0] if isinstance(out, tuple) else out)))
     try:
         final = target.model(input_ids=ids).last_hidden_state
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
-    out = TargetOutput(final if cfg.state == STATE_FINAL_NORM else captured["h"], final, target.lm_head(final))
+    states = torch.cat([captured[layer] for layer in cfg.aux_layers], dim=-1) if cfg.aux_layers else final
+    out = TargetOutput(states, final, target.lm_head(final))
     return out if batched else TargetOutput(*(t[0] for t in out))
 
 

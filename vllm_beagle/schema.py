@@ -17,16 +17,20 @@ SCHEMA_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-# `method: eagle` feeds the target's final, post-norm state; `method: eagle3` feeds the pre-norm
-# residual after a chosen target layer (vLLM's aux hidden-state ids: 0 is the embedding output,
-# `l` is the output of decoder layer `l - 1`).
+# The state the draft's keys and values read. `method: eagle` feeds the target's final, post-norm state;
+# `method: eagle3` feeds pre-norm residuals after chosen target layers (vLLM's aux hidden-state ids: 0 is
+# the embedding output, `l` is the output of decoder layer `l - 1`): one layer's as it is ("layer"), or
+# several layers' concatenated and projected by the draft's own `fc` to the hidden width ("fused",
+# EAGLE-3's inputs), which vLLM applies through the draft's combine_hidden_states.
 STATE_FINAL_NORM = "final_norm"
 STATE_LAYER = "layer"
+STATE_FUSED = "fused"
 ARCH_BY_STATE = {
     STATE_FINAL_NORM: "EagleBeagleLlamaForCausalLM",
     STATE_LAYER: "Eagle3BeagleLlamaForCausalLM",
+    STATE_FUSED: "Eagle3BeagleLlamaForCausalLM",
 }
-METHOD_BY_STATE = {STATE_FINAL_NORM: "eagle", STATE_LAYER: "eagle3"}
+METHOD_BY_STATE = {STATE_FINAL_NORM: "eagle", STATE_LAYER: "eagle3", STATE_FUSED: "eagle3"}
 # concat: draft steps also attend to the states the draft predicted in earlier steps (the paper's
 # default); true_states: they attend to the target's true states only (the paper's no-concat mode).
 KV_MODES = ("concat", "true_states")
@@ -57,6 +61,7 @@ class BeagleConfig:
     max_position_embeddings: int
     state: str = STATE_FINAL_NORM
     state_layer: int | None = None
+    state_layers: list[int] | None = None  # the fused kind's target layers, ascending (the order `fc` reads them)
     kv_mode: str = "concat"
     # Drafts over the N most frequent tokens of the training data with their own LM head and map the
     # result back to the target's ids (tensor `draft_to_target`); None: the target's full vocabulary.
@@ -83,6 +88,16 @@ class BeagleConfig:
             raise ValueError(f"beagle.state must be one of {sorted(ARCH_BY_STATE)}, got {self.state!r}")
         if (self.state == STATE_LAYER) != (self.state_layer is not None):
             raise ValueError("beagle.state_layer is required with state 'layer' and forbidden otherwise")
+        if (self.state == STATE_FUSED) != (self.state_layers is not None):
+            raise ValueError("beagle.state_layers is required with state 'fused' and forbidden otherwise")
+        if self.state_layers is not None:
+            layers = self.state_layers
+            if (not isinstance(layers, list) or not layers
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers)
+                    or layers != sorted(set(layers))):
+                # Ascending: vLLM concatenates the aux states in layer order, whatever order the config lists.
+                raise ValueError(f"beagle.state_layers must be a list of distinct layer ids in ascending order, "
+                                 f"got {layers!r}")
         if self.kv_mode not in KV_MODES:
             raise ValueError(f"beagle.kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
@@ -97,6 +112,16 @@ class BeagleConfig:
     @property
     def architecture(self) -> str:
         return ARCH_BY_STATE[self.state]
+
+    @property
+    def aux_layers(self) -> list[int]:
+        """The target layers whose pre-norm residuals vLLM hands to the draft (none for the final state)."""
+        return {STATE_FINAL_NORM: [], STATE_LAYER: [self.state_layer]}.get(self.state, self.state_layers)
+
+    @property
+    def state_width(self) -> int:
+        """The width of the target state a draft reads before its own projection (if any)."""
+        return self.hidden_size * max(1, len(self.aux_layers))
 
     @property
     def method(self) -> str:
@@ -140,15 +165,16 @@ class BeagleConfig:
                 "version": SCHEMA_VERSION,
                 "state": self.state,
                 "state_layer": self.state_layer,
+                "state_layers": self.state_layers,
                 "kv_mode": self.kv_mode,
                 "draft_vocab_size": self.draft_vocab_size,
                 "training": self.training,
             },
         }
-        if self.state == STATE_LAYER:
-            # Read by vLLM to choose which target layer's residual it hands to the draft.
-            d["eagle_aux_hidden_state_layer_ids"] = [self.state_layer]
-            d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": [self.state_layer],
+        if self.aux_layers:
+            # Read by vLLM to choose which target layers' residuals it hands to the draft.
+            d["eagle_aux_hidden_state_layer_ids"] = list(self.aux_layers)
+            d["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(self.aux_layers),
                                  "use_aux_hidden_state": True}
             d["target_hidden_size"] = self.hidden_size
             d["draft_vocab_size"] = self.vocab_size
@@ -177,6 +203,7 @@ class BeagleConfig:
                 max_position_embeddings=d["max_position_embeddings"],
                 state=beagle.get("state", STATE_FINAL_NORM),
                 state_layer=beagle.get("state_layer"),
+                state_layers=beagle.get("state_layers"),
                 kv_mode=beagle.get("kv_mode", "concat"),
                 draft_vocab_size=beagle.get("draft_vocab_size"),
                 training=beagle.get("training") or {},
@@ -210,9 +237,11 @@ class BeagleConfig:
             "mlp.up_proj.weight": (inter, H),
             "mlp.down_proj.weight": (H, inter),
         }
-        if self.state == STATE_LAYER:
+        if self.state != STATE_FINAL_NORM:
             # A pre-norm state needs the target's final norm before the LM head.
             required["final_norm.weight"] = (H,)
+        if self.state == STATE_FUSED:
+            required["fc.weight"] = (H, self.state_width)
         # Absent means "use the target's": that is how a draft stays a few MB.
         optional = {"embed_tokens.weight": (self.vocab_size, H), "lm_head.weight": (self.vocab_size, H)}
         if self.draft_vocab_size is not None:
@@ -220,6 +249,46 @@ class BeagleConfig:
             required["lm_head.weight"] = (self.draft_vocab_size, H)
             required[DRAFT_TO_TARGET] = (self.draft_vocab_size,)
         return required, optional
+
+
+def state_name(cfg: BeagleConfig) -> str:
+    """The one text form of a state kind (shards and `beagle data --state` use it): final_norm,
+    layer:<l> or fused:<a>,<b>,..."""
+    if cfg.state == STATE_FINAL_NORM:
+        return STATE_FINAL_NORM
+    return f"{cfg.state}:{','.join(map(str, cfg.aux_layers))}"
+
+
+def state_fields(name: str, num_target_layers: int | None = None) -> dict[str, Any]:
+    """The BeagleConfig fields of a state named as state_name writes it. "fused" alone means EAGLE-3's
+    default layers (2, L/2, L-3) of a target of L layers. ValueError names what is wrong."""
+    kind, _, layers = name.partition(":")
+    try:
+        ids = [int(x) for x in layers.split(",")] if layers else []
+    except ValueError:
+        ids = None
+    if kind == STATE_FINAL_NORM and not layers:
+        return {"state": STATE_FINAL_NORM}
+    if kind == STATE_LAYER and ids and len(ids) == 1:
+        fields = {"state": STATE_LAYER, "state_layer": ids[0]}
+    elif kind == STATE_FUSED and ids is not None:
+        if not ids:
+            if num_target_layers is None:
+                raise ValueError("state 'fused' without layer ids needs the target's number of layers")
+            ids = default_fused_layers(num_target_layers)
+        fields = {"state": STATE_FUSED, "state_layers": sorted(ids)}
+    else:
+        raise ValueError(f"unknown state {name!r}: expected final_norm, layer:<l> or fused[:<a>,<b>,...]")
+    if num_target_layers is not None and not all(0 <= i <= num_target_layers for i in ids):
+        raise ValueError(f"state {name!r} names a layer outside the target's 0..{num_target_layers}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"state {name!r} names a layer twice")
+    return fields
+
+
+def default_fused_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's choice, as vLLM's default aux layers: low, middle and high."""
+    return [2, num_layers // 2, num_layers - 3]
 
 
 def head_dim_of(cfg: Mapping[str, Any]) -> int:
@@ -267,9 +336,11 @@ def check_against_target(cfg: BeagleConfig, target: Mapping[str, Any], checkpoin
                 f"field '{field}' is {value!r} in the draft but {theirs[field]!r} in the target {target_name}",
             )
     layers = num_target_layers if num_target_layers is not None else target.get("num_hidden_layers")
-    if cfg.state == STATE_LAYER and layers is not None and not 0 <= cfg.state_layer <= layers:
+    field = "state_layer" if cfg.state == STATE_LAYER else "state_layers"
+    value = cfg.state_layer if cfg.state == STATE_LAYER else cfg.state_layers
+    if layers is not None and not all(0 <= layer <= layers for layer in cfg.aux_layers):
         raise CheckpointError(
-            checkpoint, f"field 'beagle.state_layer' is {cfg.state_layer} but the target {target_name} "
+            checkpoint, f"field 'beagle.{field}' is {value} but the target {target_name} "
             f"has {layers} layers (valid: 0..{layers})"
         )
 

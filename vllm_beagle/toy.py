@@ -22,7 +22,7 @@ import torch
 
 from .eagle import EagleDraft
 from .reference import ReferenceDraft
-from .schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
+from .schema import STATE_FINAL_NORM, BeagleConfig, state_fields
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -66,15 +66,16 @@ def _random_init(block: torch.nn.Module, gen: torch.Generator, attn_std: float, 
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def build_draft(target, out: str | None = None, seed: int = 0, state_layer: int | None = None,
+def build_draft(target, out: str | None = None, seed: int = 0, state: str = STATE_FINAL_NORM,
                 kv_mode: str = "concat", attn_std: float = 0.3, out_std: float = 0.004,
                 mlp_std: float = 0.02, draft_vocab: torch.Tensor | None = None) -> ReferenceDraft:
     """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
 
-    `state_layer` None reads the final post-norm state (method eagle), an int reads that aux layer
-    (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. Saved to `out` when given.
+    `state` names the target state it reads (schema.state_name): final_norm (method eagle), layer:L or
+    fused:A,B,... (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. Saved to
+    `out` when given.
     """
-    beagle = {"state": STATE_FINAL_NORM} if state_layer is None else {"state": STATE_LAYER, "state_layer": state_layer}
+    beagle = state_fields(state, target.config.num_hidden_layers)
     beagle["kv_mode"] = kv_mode
     if draft_vocab is not None:
         beagle["draft_vocab_size"] = len(draft_vocab)

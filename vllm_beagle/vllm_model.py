@@ -153,12 +153,13 @@ class EagleBeagleLlamaForCausalLM(nn.Module):
 
 
 class Eagle3BeagleLlamaForCausalLM(EagleBeagleLlamaForCausalLM, Eagle3LlamaForCausalLM):
-    """Beagle draft for `method: eagle3`: K/V from the pre-norm residual after a chosen target layer.
+    """Beagle draft for `method: eagle3`: K/V from the pre-norm residuals after chosen target layers, one
+    layer's as it is or several layers' through the block's `fc` (the fused kind).
 
     It derives from vLLM's Eagle3LlamaForCausalLM only because the V1 proposer asserts that class for
     eagle3 drafts; everything it runs is EagleBeagleLlamaForCausalLM's.
     """
 
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # One aux layer is requested, so vLLM hands over exactly that layer's state.
-        return hidden_states
+        # vLLM concatenates the aux layers' states in the order the config lists them, as the trainer does.
+        return self.model.block.combine(hidden_states)

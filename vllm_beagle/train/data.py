@@ -1,8 +1,10 @@
-"""Training data: chat conversations, the target's own responses (through vLLM), and shards of target states.
+"""Training data: chat conversations, the target's own answers (through vLLM), and shards of target states.
 
-`build_dataset` is `beagle data`: every stage keeps what it finished on disk (responses chunk by
-chunk, shards one by one, each file written whole under a temporary name and renamed), so an
-interrupted run resumes where it stopped.
+`build_dataset` is `beagle data`. The answers go to a response store (`responses.py`: token ids,
+compressed, small enough to commit), which is the dear part; the states the draft reads are then
+extracted from them with the HF target into shards. Every stage keeps what it finished on disk
+(answers by chunks of conversations, shards one by one, each file written whole), so an interrupted
+run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -14,25 +16,14 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..prompts import chat_ids
+from ..outputs import prepare_output_dir, write_json
 from ..reference import target_states
-from ..schema import STATE_FINAL_NORM, STATE_LAYER, BeagleConfig
-from .shards import write_shard
+from ..schema import STATE_FINAL_NORM, BeagleConfig, state_fields, state_name
+from .responses import Dialogue
+from .shards import shard_range, write_shard
 
 # What a shard folder holds, written before its first shard: a resumed run must shard the same sequences.
 MANIFEST = "shards.json"
-
-
-def state_name(cfg: BeagleConfig) -> str:
-    """How shards name the target state they hold: "final_norm" or "layer:<l>"."""
-    return STATE_FINAL_NORM if cfg.state == STATE_FINAL_NORM else f"layer:{cfg.state_layer}"
-
-
-def state_options(name: str) -> dict:
-    """The BeagleConfig fields of a state named by state_name."""
-    if name == STATE_FINAL_NORM:
-        return {"state": STATE_FINAL_NORM}
-    return {"state": STATE_LAYER, "state_layer": int(name.split(":", 1)[1])}
 
 
 @torch.no_grad()
@@ -48,19 +39,14 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
     _claim(out_dir, {"state": state_name(cfg), "shard_size": shard_size, "sequences": len(sequences),
                      "sha256": hashlib.sha256(json.dumps(sequences).encode()).hexdigest()})
     num_shards = -(-len(sequences) // shard_size)
-    for shard in tqdm(range(num_shards), desc="target states", unit="shard", disable=not progress):
-        path = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
-        if os.path.exists(path):
-            continue
-        ids, masks, states, finals = [], [], [], []
-        for tokens, loss_mask in sequences[shard * shard_size:(shard + 1) * shard_size]:
-            tokens = torch.tensor(tokens)
-            out = target_states(target, tokens, cfg)
-            ids.append(tokens)
-            masks.append(torch.tensor(loss_mask))
-            states.append(out.states)
-            finals.append(out.final)
-        write_shard(path, state_name(cfg), ids, masks, states, finals if cfg.state != STATE_FINAL_NORM else None)
+    tokens = sum(len(ids) for ids, _ in sequences)
+    with tqdm(total=tokens, desc="target states", unit="tok", unit_scale=True, disable=not progress) as bar:
+        for shard in range(num_shards):
+            path = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
+            part = sequences[shard * shard_size:(shard + 1) * shard_size]
+            if not os.path.exists(path):
+                _write_states(target, cfg, part, path)
+            bar.update(sum(len(ids) for ids, _ in part))
     return num_shards
 
 
@@ -76,122 +62,144 @@ def _claim(out_dir: str, manifest: dict) -> None:
                              f"{ {k: saved.get(k) for k in changed} } on disk, { {k: manifest[k] for k in changed} } "
                              "now); resume with the options it was started with, or write to a new --out")
         return
-    _write_json(path, manifest)
+    write_json(path, manifest)
 
 
-def _write_json(path: str, obj, indent: int | None = 2) -> None:
-    """Whole or not at all: a killed run never leaves a half-written file under the final name."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
+def sequences_of(dialogue: Dialogue) -> list[tuple[list[int], list[bool]]]:
+    """The fewest (token ids, loss mask) sequences that hold every answered turn, each answer supervised.
 
-
-def check_options(turns: int) -> None:
-    """ValueError for an impossible `beagle data` option; `beagle data` calls it before it makes --out."""
-    if turns < 1:
-        raise ValueError(f"--turns must be at least 1, got {turns}")
-
-
-def build_dataset(target_dir: str, out: str, cfg: BeagleConfig, dataset: str | None = None, num_prompts: int = 1000,
-                  max_prompt_len: int = 1024, max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 256,
-                  turns: int = 1, progress: bool = True) -> dict:
-    """Conversations (user turns of a ShareGPT file) -> target responses (greedy, vLLM) -> shards.
-
-    Records are read until `num_prompts` usable conversations are found (or the file ends). The target
-    answers up to `turns` user turns of each, every turn after the first seeing its own earlier answers;
-    each answered turn makes one sequence (that turn's prompt and response, the response supervised).
-    A conversation ends early where the next prompt would exceed `max_prompt_len`. The last `heldout`
-    conversations, all their turns, are held out. Writes `train/` and `heldout/` shard folders,
-    `responses.json` and `summary.json` under `out`, and returns the summary: how many records were read,
-    skipped as malformed, skipped as too long, where the file stopped being valid JSON (if it did), and
-    how many sequences each split and each turn hold.
+    Where a turn's prompt begins with the previous turn's prompt and answer (the usual case: the chat
+    template re-renders the answer to the same ids), the turn continues that sequence; the target is
+    causal, so its states there are the ones it had when it answered. Otherwise it starts its own.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = []
+    for prompt, answer in dialogue.turns:
+        if out and prompt[:len(out[-1][0])] == out[-1][0]:
+            ids, mask = out[-1]
+            added = prompt[len(ids):]
+            out[-1] = (ids + added + answer, mask + [False] * len(added) + [True] * len(answer))
+        else:
+            out.append((prompt + answer, [False] * len(prompt) + [True] * len(answer)))
+    return out
 
+
+def check_options(turns: int = 1, num_prompts: int | None = None, shard_size: int = 1, max_prompt_len: int = 1,
+                  max_new_tokens: int = 1, max_num_seqs: int = 1, heldout: int = 0) -> None:
+    """ValueError for an impossible `beagle data` option; called before --out is made or anything runs."""
+    for name, value in (("--turns", turns), ("--shard-size", shard_size), ("--max-prompt-len", max_prompt_len),
+                        ("--max-new-tokens", max_new_tokens), ("--max-num-seqs", max_num_seqs)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"--num-prompts must be at least 1, got {num_prompts}")
+    if heldout < 0:
+        raise ValueError(f"--heldout cannot be negative, got {heldout}")
+
+
+def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NORM, dataset: str | None = None,
+                  responses: str | None = None, num_prompts: int | None = None, max_prompt_len: int = 1024,
+                  max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 64, turns: int = 1, seed: int = 0,
+                  dtype: str = "float32", eager: bool = False, max_num_seqs: int = 256, generate: bool = True,
+                  progress: bool = True) -> dict:
+    """Conversations (user turns of a ShareGPT file) -> the target's answers (greedy, vLLM) -> shards.
+
+    Every usable conversation of the file is taken in a seeded random order (`responses.py`; never one
+    with an evaluation prompt), and the first `num_prompts` of that order are used (default all): the
+    first `heldout` are held out, all their turns. The answers go to the response store `responses`
+    (default OUT/responses), which may already hold them: only what it lacks is generated, and with
+    `generate` False nothing is, and states are made for what it holds. With `state` (a state name,
+    schema.state_name) the states the draft reads are written to OUT/train and OUT/heldout, each shard
+    holding the sequences of `shard_size` consecutive conversations (one sequence per conversation
+    where its turns chain, `sequences_of`). A shard is written once all its conversations are answered,
+    so a store that grows gains shards without the old ones being made again. Returns (and writes to
+    OUT/summary.json) what was read, skipped, answered and sharded.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..prompts import evaluation_texts
+    from . import responses as store_lib
     from . import sharegpt
 
-    check_options(turns)
+    check_options(turns, num_prompts, shard_size, max_prompt_len, max_new_tokens, max_num_seqs, heldout)
+    target_config = AutoConfig.from_pretrained(target_dir)
+    cfg = None
+    if state is not None:
+        cfg = BeagleConfig.from_target(target_config.to_dict(),
+                                       **state_fields(state, target_config.num_hidden_layers))
     path = dataset or sharegpt.default_path()
-    records = sharegpt.ShareGPTReader(path)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    conversations, read, malformed, too_long = [], 0, 0, 0
-    for record in records:
-        read += 1
-        texts = sharegpt.user_turns(record)
-        if texts is None:
-            malformed += 1
-            continue
-        if len(chat_ids(tokenizer, [{"role": "user", "content": texts[0]}])) > max_prompt_len:
-            too_long += 1
-            continue
-        conversations.append(texts[:turns])
-        if len(conversations) == num_prompts:
-            break
+    conversations, counts = store_lib.select_conversations(path, tokenizer, max_prompt_len, turns, seed,
+                                                           evaluation_texts())
     if not conversations:
-        raise ValueError(f"no usable prompt in {path}: {malformed} malformed, {too_long} longer than {max_prompt_len}")
+        raise ValueError(f"no usable conversation in {path}: {counts}")
+    wanted = conversations[:num_prompts]
+    store = store_lib.ResponseStore(responses or os.path.join(out, "responses"))
+    store.claim(store_lib.generation_manifest(target_dir, path, max_prompt_len, max_new_tokens, turns, seed, dtype,
+                                              eager, len(conversations)))
+    if generate:
+        store_lib.generate(target_dir, store, wanted, tokenizer, max_prompt_len, max_new_tokens, dtype, eager,
+                           max_num_seqs, progress=progress)
+    dialogues = {d.index: d for d in store.dialogues() if d.index < len(wanted)}
+    held = min(heldout, len(wanted) - 1)
+    summary = {"dataset": os.path.abspath(path), **counts, "conversations_usable": len(conversations),
+               "conversations_wanted": len(wanted), "heldout_conversations": held,
+               "responses": os.path.abspath(store.folder),
+               **store_lib.summarize(dialogues.values())}
+    if cfg is not None:
+        from transformers import AutoModelForCausalLM
+
+        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+        store_id = hashlib.sha256(json.dumps(store.manifest(), sort_keys=True).encode()).hexdigest()
+        for name, first, end in (("heldout", 0, held), ("train", held, len(wanted))):
+            if end > first:
+                summary[name] = write_conversation_shards(target, cfg, dialogues, first, end, shard_size,
+                                                          os.path.join(out, name), store_id, progress)
+        summary["state"] = state_name(cfg)
     os.makedirs(out, exist_ok=True)
-    dialogues = _target_dialogues(target_dir, tokenizer, conversations, max_prompt_len, max_new_tokens,
-                                  os.path.join(out, "responses.json"), progress=progress)
-    split = len(dialogues) - min(heldout, len(dialogues) - 1)
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    counts = {}
-    for name, part in (("train", dialogues[:split]), ("heldout", dialogues[split:])):
-        sequences = [(p + r, [False] * len(p) + [True] * len(r)) for dialogue in part for p, r in dialogue]
-        if sequences:
-            write_examples(target, cfg, sequences, os.path.join(out, name), shard_size, progress)
-        counts[name] = len(sequences)
-    summary = {"dataset": os.path.abspath(path), "records_read": read, "skipped_malformed": malformed,
-               "skipped_too_long": too_long, "file_cut_at": records.cut_at, "train_sequences": counts["train"],
-               "heldout_sequences": counts["heldout"],
-               "sequences_per_turn": [sum(len(d) > j for d in dialogues) for j in range(turns)],
-               "state": state_name(cfg), "max_new_tokens": max_new_tokens}
-    _write_json(os.path.join(out, "summary.json"), summary)
+    write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
 
-def _target_dialogues(target_dir: str, tokenizer, conversations: list[list[str]], max_prompt_len: int,
-                      max_new_tokens: int, path: str, chunk: int = 128,
-                      progress: bool = True) -> list[list[tuple[list[int], list[int]]]]:
-    """Per conversation, the (prompt ids, greedy response ids) of every turn the target answered.
+@torch.no_grad()
+def write_conversation_shards(target, cfg: BeagleConfig, dialogues: dict[int, Dialogue], first: int, end: int,
+                              per_shard: int, out_dir: str, store_id: str, progress: bool = True) -> dict:
+    """Shard k of `out_dir` holds the sequences of conversations first + k * per_shard onwards (up to
+    `per_shard` of them, none past `end`). Shards already on disk for the same range are kept; a shard
+    whose conversations are not all answered yet is left for a later run. Returns the counts."""
+    os.makedirs(out_dir, exist_ok=True)
+    _claim(out_dir, {"state": state_name(cfg), "conversations_per_shard": per_shard, "first": first,
+                     "responses": store_id})
+    ranges = [(lo, min(lo + per_shard, end)) for lo in range(first, end, per_shard)]
+    ready = [(k, lo, hi) for k, (lo, hi) in enumerate(ranges) if all(i in dialogues for i in range(lo, hi))]
+    todo = [(k, lo, hi) for k, lo, hi in ready if shard_range(_shard_path(out_dir, k)) != (lo, hi)]
+    tokens = sum(len(ids) for _, lo, hi in todo for i in range(lo, hi) for ids, _ in sequences_of(dialogues[i]))
+    width = cfg.state_width + (cfg.hidden_size if cfg.state != STATE_FINAL_NORM else 0)
+    prepare_output_dir(out_dir, tokens * width * 2, f"the {state_name(cfg)} states of {tokens} tokens")
+    sequences = 0
+    with tqdm(total=tokens, desc=f"target states ({os.path.basename(out_dir)})", unit="tok", unit_scale=True,
+              disable=not progress or not todo) as bar:
+        for k, lo, hi in ready:
+            part = [seq for i in range(lo, hi) for seq in sequences_of(dialogues[i])]
+            sequences += len(part)
+            if (k, lo, hi) in todo:
+                _write_states(target, cfg, part, _shard_path(out_dir, k), {"conversations": f"{lo}-{hi}"})
+                bar.update(sum(len(ids) for ids, _ in part))
+    return {"shards": len(ready), "shards_waiting_for_answers": len(ranges) - len(ready), "sequences": sequences}
 
-    Turn j's prompt holds the user turns up to j and the target's own answers to those before it (as
-    text, in the chat template). Conversations go through in chunks, all turns of a chunk batched turn
-    by turn; `path` holds every finished chunk, so an interrupted run generates only what is missing.
-    """
-    done = []
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        finished = saved.get("conversations", [])
-        if finished == conversations[:len(finished)]:
-            done = [[tuple(turn) for turn in d] for d in saved["dialogues"]]
-    if len(done) == len(conversations):
-        return done
-    from ..offline import generate, make_llm, shutdown
 
-    llm = make_llm(target_dir, max_model_len=max_prompt_len + max_new_tokens, max_num_seqs=64)
-    with tqdm(total=len(conversations), initial=len(done), desc="target responses", unit="conversation",
-              disable=not progress) as bar:
-        while len(done) < len(conversations):
-            batch = conversations[len(done):len(done) + chunk]
-            dialogues = [[] for _ in batch]
-            messages = [[] for _ in batch]
-            for j in range(max(map(len, batch))):
-                asked = []
-                for i, texts in enumerate(batch):
-                    if len(texts) <= j or len(dialogues[i]) < j:  # no turn j, or the conversation ended
-                        continue
-                    messages[i].append({"role": "user", "content": texts[j]})
-                    prompt = chat_ids(tokenizer, messages[i])
-                    if len(prompt) <= max_prompt_len:
-                        asked.append((i, prompt))
-                responses = generate(llm, [p for _, p in asked], max_new_tokens)["outputs"] if asked else []
-                for (i, prompt), response in zip(asked, responses):
-                    dialogues[i].append((prompt, response))
-                    messages[i].append({"role": "assistant",
-                                        "content": tokenizer.decode(response, skip_special_tokens=True)})
-            done += dialogues
-            _write_json(path, {"conversations": conversations[:len(done)], "dialogues": done}, indent=None)
-            bar.update(len(done) - bar.n)
-    shutdown(llm)
-    return done
+def _shard_path(out_dir: str, k: int) -> str:
+    return os.path.join(out_dir, f"shard-{k:05d}.safetensors")
+
+
+def _write_states(target, cfg: BeagleConfig, sequences: list[tuple[list[int], list[bool]]], path: str,
+                  metadata: dict | None = None) -> None:
+    ids, masks, states, finals = [], [], [], []
+    for token_ids, loss_mask in sequences:
+        token_ids = torch.tensor(token_ids)
+        out = target_states(target, token_ids, cfg)
+        ids.append(token_ids)
+        masks.append(torch.tensor(loss_mask))
+        states.append(out.states)
+        finals.append(out.final)
+    write_shard(path, state_name(cfg), ids, masks, states, finals if cfg.state != STATE_FINAL_NORM else None,
+                metadata)

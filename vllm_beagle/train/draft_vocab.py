@@ -21,8 +21,8 @@ def default_size(arch: str, vocab_size: int) -> int:
 def token_counts(data: ShardSet, vocab_size: int) -> torch.Tensor:
     """How often each target token is a supervised prediction target in the data, [vocab_size]."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
-    for seq in data.sequences:
-        ids, mask = seq["input_ids"].long(), seq["loss_mask"].bool()
+    for ids, mask in data.tokens():
+        ids, mask = ids.long(), mask.bool()
         # Row p predicts t_{p+2} where loss_mask[p + 1]: the targets are the t_j with loss_mask[j - 1].
         counts += torch.bincount(ids[1:][mask[:-1]], minlength=vocab_size)
     return counts

@@ -8,8 +8,7 @@ from torch import nn
 
 from ..eagle import EagleDraft
 from ..reference import Draft, ReferenceDraft
-from ..schema import BeagleConfig
-from .data import state_options
+from ..schema import STATE_FINAL_NORM, BeagleConfig, state_fields
 from .draft_vocab import coverage, draft_vocabulary, token_counts
 from .shards import ShardSet
 
@@ -26,19 +25,21 @@ def new_draft(target: nn.Module, data: ShardSet, arch: str = "beagle", kv_mode: 
     """(draft, facts for the checkpoint's training record), its weights drawn from `seed`.
     ValueError names what does not fit."""
     check_options(arch, kv_mode, draft_vocab)
-    state = state_options(data.state)
-    if arch == "eagle" and state != {"state": "final_norm"}:
+    state = state_fields(data.state, target.config.num_hidden_layers)
+    if arch == "eagle" and state != {"state": STATE_FINAL_NORM}:
         raise ValueError(f"--arch eagle reads the target's final state, but the shards in {data.folder} hold "
-                         f"{data.state}; make them with beagle data without --state-layer")
+                         f"{data.state}; make them with beagle data --state final_norm")
     cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=kv_mode, draft_vocab_size=draft_vocab or None,
                                    **state)
-    width = data.sequences[0]["states"].shape[-1]
-    if width != cfg.hidden_size:
-        raise ValueError(f"the shards in {data.folder} hold states of width {width}, but the target "
-                         f"{getattr(target.config, '_name_or_path', '')} has hidden_size {cfg.hidden_size}")
+    if data.state_width != cfg.state_width:
+        raise ValueError(f"the shards in {data.folder} hold {data.state} states of width {data.state_width}, but "
+                         f"the target {getattr(target.config, '_name_or_path', '')} gives {cfg.state_width}")
     cls = EagleDraft if arch == "eagle" else ReferenceDraft
     torch.manual_seed(seed)
     draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    if getattr(draft.block, "final_norm", None) is not None:
+        with torch.no_grad():  # a pre-norm draft's LM head starts reading its states as the target's does
+            draft.block.final_norm.weight.copy_(target.model.norm.weight)
     facts = {}
     if draft_vocab:
         counts = token_counts(data, cfg.vocab_size)

@@ -22,21 +22,7 @@ import torch.nn.functional as F
 
 from ..reference import Draft, ReferenceDraft
 from .masks import block_mask, exact_rows, stage1, stage2
-
-
-@dataclasses.dataclass
-class TrainBatch:
-    tokens: torch.Tensor  # [B, T] long
-    states: torch.Tensor  # [B, T, H], what the draft reads and regresses onto
-    loss_mask: torch.Tensor  # [B, T] bool, position j's state and next token are supervised
-    final: torch.Tensor | None = None  # [B, T, H], the target's final post-norm states if not `states`
-
-    def to(self, device) -> "TrainBatch":
-        return TrainBatch(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
-
-    @property
-    def num_rows(self) -> int:
-        return self.tokens.shape[1] - 1
+from .shards import TrainBatch
 
 
 @dataclasses.dataclass
@@ -45,12 +31,13 @@ class LossConfig:
     noise_std: float = 0.2
 
 
-def _noisy_keys(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
+def _noisy_keys(draft: Draft, batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The true states of rows 0..R-1 with noise, as the draft reads them (through its `combine`)."""
     keys = batch.states[:, :batch.num_rows].float()
     if cfg.noise_std:
         # Drawn on the CPU from a seeded generator: the same noise on any device.
         keys = keys + (torch.randn(keys.shape, generator=generator) * cfg.noise_std).to(keys.device)
-    return keys.to(batch.states.dtype)
+    return draft.combine(keys.to(batch.states.dtype))
 
 
 def _loss(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig, selected: torch.Tensor,
@@ -60,7 +47,10 @@ def _loss(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossCon
     predicted: [B, R', H] for the rows `rows` (default: all R rows); selected: [B, R'] bool. Only the
     selected rows go through the LM head, which dominates the cost. 0 with a graph when none is selected.
     """
-    target_states = batch.states[:, 1:]
+    # The regression target is the true state as the draft reads it; for fused states that is the draft's own
+    # projection of them, held fixed (a target that moved with the prediction could meet it anywhere).
+    with torch.no_grad():
+        target_states = draft.combine(batch.states[:, 1:])
     final = (batch.final if batch.final is not None else batch.states)[:, 1:]
     if rows is not None:
         target_states, final = target_states[:, rows], final[:, rows]
@@ -78,7 +68,7 @@ def teacher_forced_loss(draft: Draft, batch: TrainBatch, cfg: LossConfig,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """EAGLE-1's objective: every row reads its true (noisy) state and attends causally to the rows before."""
     rows = torch.arange(batch.num_rows, device=batch.tokens.device)
-    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator))
+    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(draft, batch, cfg, generator))
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
@@ -92,7 +82,7 @@ def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: i
     rows = torch.arange(num_rows, device=device)
     visible = (block_mask(num_rows, window, offset, 0, device) if flex
                else stage1(num_rows, window, offset, device).dense())
-    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(batch, cfg, generator), rows, visible=visible)
+    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(draft, batch, cfg, generator), rows, visible=visible)
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
@@ -111,7 +101,8 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
         raise ValueError(f"simulation steps must be between 1 and the window ({window}), got {steps}")
     num_rows, device = batch.num_rows, batch.tokens.device
     rows = torch.arange(num_rows, device=device)
-    keys = torch.cat([_noisy_keys(batch, cfg, generator), torch.zeros_like(batch.states[:, :num_rows])], dim=1)
+    true_keys = _noisy_keys(draft, batch, cfg, generator)
+    keys = torch.cat([true_keys, torch.zeros_like(true_keys)], dim=1)
     key_positions = torch.cat([rows, rows])
     for step in range(1, steps + 1):
         exact = exact_rows(num_rows, window, offset, step, device)

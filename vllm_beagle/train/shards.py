@@ -1,22 +1,27 @@
 """Training data on disk: safetensors shards of token ids, loss masks and target states (fp16).
 
 A shard holds N sequences back to back: `input_ids` [total] int32, `loss_mask` [total] uint8,
-`offsets` [N + 1] int64, `states` [total, H] float16 (the state the draft reads) and, for drafts that
-read a pre-norm state, `final` [total, H] (the target's final post-norm state, for its next-token
-distribution). Shards are written to a temporary name and renamed: a shard on disk is whole.
+`offsets` [N + 1] int64, `states` [total, W] float16 (the state the draft reads: W is the hidden
+width, or several layers' widths for the fused kind) and, for drafts that read pre-norm states,
+`final` [total, H] (the target's final post-norm state, for its next-token distribution). Shards are
+written whole (outputs.atomic_path).
+
+The states of a large data set do not fit in memory: `ShardSet` keeps the token ids and masks and
+reads each sequence's states from the memory-mapped file when a batch asks for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+from collections.abc import Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .objective import TrainBatch
+from ..outputs import atomic_path
 
 SHARD_GLOB = "shard-*.safetensors"
 
@@ -25,9 +30,26 @@ class ShardError(ValueError):
     pass
 
 
+@dataclasses.dataclass
+class TrainBatch:
+    tokens: torch.Tensor  # [B, T] long
+    states: torch.Tensor  # [B, T, W], what the draft reads and regresses onto
+    loss_mask: torch.Tensor  # [B, T] bool, position j's state and next token are supervised
+    final: torch.Tensor | None = None  # [B, T, H], the target's final post-norm states if not `states`
+
+    def to(self, device) -> "TrainBatch":
+        return TrainBatch(self.tokens.to(device), self.states.to(device), self.loss_mask.to(device),
+                          None if self.final is None else self.final.to(device))
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[1] - 1
+
+
 def write_shard(path: str, state: str, input_ids: list[torch.Tensor], loss_masks: list[torch.Tensor],
-                states: list[torch.Tensor], final: list[torch.Tensor] | None = None) -> None:
-    """`state` says which target state the shard holds: "final_norm" or "layer:<l>"."""
+                states: list[torch.Tensor], final: list[torch.Tensor] | None = None,
+                metadata: dict[str, str] | None = None) -> None:
+    """`state` says which target state the shard holds (schema.state_name)."""
     lengths = torch.tensor([len(t) for t in input_ids])
     tensors = {
         "input_ids": torch.cat(input_ids).to(torch.int32),
@@ -37,16 +59,33 @@ def write_shard(path: str, state: str, input_ids: list[torch.Tensor], loss_masks
     }
     if final is not None:
         tensors["final"] = torch.cat(final).to(torch.float16)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata={"state": state})
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={**(metadata or {}), "state": state})
+
+
+def shard_range(path: str) -> tuple[int, int] | None:
+    """The conversations (first, end) a shard written by `beagle data` holds; None if it has no such record
+    or cannot be read (it is then made again)."""
+    try:
+        with safe_open(path, "pt") as f:
+            lo, hi = (f.metadata() or {})["conversations"].split("-")
+        return int(lo), int(hi)
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+
+
+_INTEGER = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+_REQUIRED = ("input_ids", "loss_mask", "offsets", "states")
+_FLOATS = ("states", "final")
 
 
 class ShardSet:
-    """All sequences of the shards in a folder, each as (input_ids, loss_mask, states, final).
+    """All sequences of the shards in a folder; `sequences[i]` is a dict of input_ids, loss_mask, states
+    and (pre-norm kinds) final.
 
-    Every shard is checked as it is read (keys, dtypes, shapes, offsets, finite states, token ids
-    within `vocab_size` when given), so that a damaged file is refused by name here rather than
-    failing somewhere inside a training step.
+    Every shard is checked when the set is opened (keys, dtypes, shapes, offsets, token ids within
+    `vocab_size` when given), and each sequence's states when they are read (finite values), so that a
+    damaged file is refused by name here rather than failing somewhere inside a training step.
     """
 
     def __init__(self, folder: str, vocab_size: int | None = None):
@@ -54,36 +93,65 @@ class ShardSet:
         self.files = sorted(glob.glob(os.path.join(folder, SHARD_GLOB)))
         if not self.files:
             raise ShardError(f"no training shards ({SHARD_GLOB}) in {folder}")
-        self.sequences = []
+        self._handles, self._tokens, self._index = [], [], []
         states, widths = set(), set()
-        for file in self.files:
+        for number, file in enumerate(self.files):
             try:
-                with safe_open(file, "pt") as f:
-                    states.add((f.metadata() or {}).get("state"))
-                shard = load_file(file)
-            except (SafetensorError, OSError) as e:
+                handle = safe_open(file, "pt")
+                states.add((handle.metadata() or {}).get("state"))
+                shapes = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in handle.keys()}
+                small = {k: handle.get_tensor(k) for k in ("input_ids", "loss_mask", "offsets") if k in shapes}
+            except (SafetensorError, OSError, RuntimeError) as e:
                 raise ShardError(f"training shard {file} is truncated or not a safetensors file ({e})") from None
             try:
-                _check_shard(shard, vocab_size)
+                _check_shard(shapes, small, vocab_size)
             except ValueError as e:
                 raise ShardError(f"training shard {file}: {e}") from None
-            widths.add(shard["states"].shape[1])
-            offsets = shard["offsets"].tolist()
+            widths.add((shapes["states"][0][1], shapes["final"][0][1] if "final" in shapes else None))
+            self._handles.append(handle)
+            offsets = small["offsets"].tolist()
             for start, end in zip(offsets[:-1], offsets[1:]):
-                self.sequences.append({k: shard[k][start:end] for k in shard if k != "offsets"})
+                self._index.append((number, start, end))
+                self._tokens.append((small["input_ids"][start:end], small["loss_mask"][start:end]))
         if len(states) != 1 or None in states:
             raise ShardError(f"the shards in {folder} do not agree on the target state they hold: "
                              f"{sorted(map(str, states))}")
         if len(widths) != 1:
-            raise ShardError(f"the shards in {folder} hold states of different widths: {sorted(widths)}")
+            raise ShardError(f"the shards in {folder} hold states of different widths: {sorted(widths, key=str)}")
         self.state = states.pop()
+        self.state_width = widths.pop()[0]
+        self.sequences = _Sequences(self)
 
     def __len__(self) -> int:
-        return len(self.sequences)
+        return len(self._index)
+
+    def tokens(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(input_ids, loss_mask) of every sequence, without reading any state."""
+        return iter(self._tokens)
+
+    def sequence(self, i: int) -> dict[str, torch.Tensor]:
+        number, start, end = self._index[i]
+        handle, file = self._handles[number], self.files[number]
+        ids, mask = self._tokens[i]
+        seq = {"input_ids": ids, "loss_mask": mask}
+        for name in _FLOATS:
+            if name in handle.keys():
+                try:
+                    seq[name] = handle.get_slice(name)[start:end]
+                except (SafetensorError, OSError, RuntimeError) as e:
+                    raise ShardError(f"training shard {file} cannot be read ({e})") from None
+                bad = int((~torch.isfinite(seq[name])).sum())
+                if bad:
+                    raise ShardError(f"training shard {file}: '{name}' holds {bad} NaN/Inf value(s) "
+                                     f"(sequence {i - self._first_of(number)} of the shard)")
+        return seq
+
+    def _first_of(self, number: int) -> int:
+        return next(i for i, (n, _, _) in enumerate(self._index) if n == number)
 
     def batch(self, indices: list[int], max_len: int) -> TrainBatch:
         """Sequences padded (at the end, never supervised) or cut to a common length."""
-        seqs = [self.sequences[i] for i in indices]
+        seqs = [self.sequence(i) for i in indices]
         length = min(max_len, max(len(s["input_ids"]) for s in seqs))
 
         def stack(key, dtype):
@@ -99,21 +167,36 @@ class ShardSet:
                           stack("loss_mask", torch.bool), final)
 
 
-_INTEGER = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+class _Sequences:
+    """`ShardSet.sequences`: indexable like a list, each item read when asked for."""
+
+    def __init__(self, shards: ShardSet):
+        self._shards = shards
+
+    def __len__(self) -> int:
+        return len(self._shards)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._shards.sequence(j) for j in range(*i.indices(len(self)))]
+        return self._shards.sequence(range(len(self))[i])
+
+    def __iter__(self):
+        return (self._shards.sequence(i) for i in range(len(self)))
 
 
-def _check_shard(shard: dict[str, torch.Tensor], vocab_size: int | None) -> None:
-    """ValueError naming the first thing that makes the shard unusable."""
-    required = ("input_ids", "loss_mask", "offsets", "states")
-    missing = [k for k in required if k not in shard]
+def _check_shard(shapes: dict[str, tuple[list[int], str]], small: dict[str, torch.Tensor],
+                 vocab_size: int | None) -> None:
+    """ValueError naming the first thing that makes the shard unusable, from its header and its small tensors."""
+    missing = [k for k in _REQUIRED if k not in shapes]
     if missing:
         raise ValueError(f"lacks the tensor(s) {missing}")
-    extra = sorted(set(shard) - {*required, "final"})
+    extra = sorted(set(shapes) - {*_REQUIRED, "final"})
     if extra:
         raise ValueError(f"has unexpected tensor(s) {extra}")
-    ids, mask, offsets, states = (shard[k] for k in required)
+    ids, mask, offsets = (small[k] for k in ("input_ids", "loss_mask", "offsets"))
     for name in ("input_ids", "loss_mask", "offsets"):
-        t = shard[name]
+        t = small[name]
         if t.dtype not in _INTEGER or t.dim() != 1:
             raise ValueError(f"'{name}' must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
     total = len(ids)
@@ -126,14 +209,13 @@ def _check_shard(shard: dict[str, torch.Tensor], vocab_size: int | None) -> None
     if total and vocab_size is not None and int(ids.max()) >= vocab_size:
         raise ValueError(f"'input_ids' holds token id {int(ids.max())}, outside the target's vocabulary "
                          f"of {vocab_size}")
-    for name in ("states", "final"):
-        if name not in shard:
+    for name in _FLOATS:
+        if name not in shapes:
             continue
-        t = shard[name]
-        if not t.is_floating_point() or t.dim() != 2 or len(t) != total:
-            raise ValueError(f"'{name}' must be a floating [{total}, hidden] tensor, got {t.dtype} {tuple(t.shape)}")
-        if t.shape != states.shape:
-            raise ValueError(f"'{name}' has shape {tuple(t.shape)}, 'states' {tuple(states.shape)}")
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ValueError(f"'{name}' holds {bad} NaN/Inf value(s)")
+        shape, dtype = shapes[name]
+        if dtype not in ("F16", "BF16", "F32", "F64") or len(shape) != 2 or shape[0] != total or shape[1] < 1:
+            raise ValueError(f"'{name}' must be a floating [{total}, width] tensor, got {dtype} {tuple(shape)}")
+    if "final" in shapes and shapes["final"][0][1] * (shapes["states"][0][1] // shapes["final"][0][1]) \
+            != shapes["states"][0][1]:
+        raise ValueError(f"'states' is {shapes['states'][0][1]} wide, not a multiple of 'final' "
+                         f"({shapes['final'][0][1]})")
