@@ -145,7 +145,7 @@ def test_eval_json_is_one_object_on_stdout(toy, tmp_path):
     prompts.write_text(json.dumps({"prompt": "count on"}) + "\n"
                        + json.dumps({"messages": [{"role": "user", "content": "and again"}]}) + "\n")
     result = beagle("eval", "--target", toy["target_dir"], "--draft", toy["draft_dir"], "--prompts", str(prompts),
-                    "-k", "3", "--max-tokens", "16", "--json", timeout=600)
+                    "-k", "3", "--max-tokens", "16", "--json", "--eager", timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout)
     assert report["num_prompts"] == 2 and report["identical_outputs"] == 2, report

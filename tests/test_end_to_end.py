@@ -46,7 +46,7 @@ def beagle(*args):
 
 def data_args(toy, sharegpt, out, shard_size=10):
     return ["data", toy["target_dir"], "--dataset", sharegpt, "--out", out, "--max-prompt-len", "64",
-            "--max-new-tokens", str(MAX_NEW), "--heldout", "4", "--shard-size", str(shard_size)]
+            "--max-new-tokens", str(MAX_NEW), "--heldout", "4", "--shard-size", str(shard_size), "--eager"]
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +63,9 @@ def test_data_train_serve_agree(toy, data, tmp_path):
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     assert summary["records_read"] == 34 and summary["skipped_malformed"] == 4
-    assert summary["skipped_too_long"] == 1
-    assert summary["train_sequences"] == 25 and summary["heldout_sequences"] == 4
-    assert len(ShardSet(os.path.join(folder, "train")).files) == 3
+    assert summary["skipped_too_long"] == 1 and summary["conversations"] == 29
+    assert summary["train"]["sequences"] == 25 and summary["heldout"]["sequences"] == 4
+    assert len(ShardSet(os.path.join(folder, "train")).files) == 3  # 10 conversations a shard
 
     ckpt = str(tmp_path / "beagle-e2e")
     beagle("train", "--data", os.path.join(folder, "train"), "--target", toy["target_dir"], "--out", ckpt,
@@ -94,14 +94,14 @@ def same_sequence(a, b):
 def test_a_data_run_killed_mid_shard_resumes_to_the_same_shards(toy, data, tmp_path):
     """SIGKILL while the target's states are computed or a shard is written: every shard on disk is
     whole and right, the resumed run ends with the sequences of an uninterrupted one, and resuming with
-    a different sharding is refused by name. The target's responses are kept from the first run (as an
-    interrupted run keeps them), so no engine starts here; one sequence per shard gives many moments to
-    kill in."""
+    a different sharding is refused by name. The target's answers are kept from the first run (as an
+    interrupted run keeps them), so no engine starts here; one conversation per shard gives many moments
+    to kill in."""
     whole, sharegpt = data
-    expected = {split: ShardSet(os.path.join(whole, split)).sequences for split in ("train", "heldout")}
+    expected = {split: list(ShardSet(os.path.join(whole, split)).sequences) for split in ("train", "heldout")}
     out = str(tmp_path / "data")
     os.makedirs(out)
-    shutil.copy(os.path.join(whole, "responses.json"), out)
+    shutil.copytree(os.path.join(whole, "responses"), os.path.join(out, "responses"))
     command = [BEAGLE, *data_args(toy, sharegpt, out, shard_size=1)]
     train = os.path.join(out, "train")
     rng = random.Random(0)
@@ -126,17 +126,19 @@ def test_a_data_run_killed_mid_shard_resumes_to_the_same_shards(toy, data, tmp_p
     refused = subprocess.run([BEAGLE, *data_args(toy, sharegpt, out, shard_size=2)], capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode != 0 and "holds shards of a different run" in refused.stderr, refused.stderr[-2000:]
-    assert "shard_size" in refused.stderr
+    assert "conversations_per_shard" in refused.stderr
 
 
 def test_later_turns_are_asked_after_the_targets_own_answers(toy, tmp_path):
-    """`beagle data --turns 3`: every answered turn is one sequence, whose prompt is the chat template over
-    the user turns so far and the target's own earlier answers, and whose supervised part is the target's
-    greedy answer to it. A conversation stops where its next prompt passes --max-prompt-len, and the
-    held-out conversation keeps all its turns."""
+    """`beagle data --turns 3`: every turn's prompt is the chat template over the user turns so far and
+    the target's own earlier answers, and its answer is the target's greedy answer to it. A conversation
+    stops where its next prompt passes --max-prompt-len; the held-out conversation (the first of the
+    seeded order) keeps all its turns. The shards hold each answer supervised right after its own prompt,
+    every answer once."""
     from transformers import AutoTokenizer
 
     from vllm_beagle.prompts import chat_ids
+    from vllm_beagle.train.responses import ResponseStore
 
     def human(*texts):
         return [turn for text in texts for turn in ({"from": "human", "value": text}, {"from": "gpt", "value": "old"})]
@@ -144,30 +146,35 @@ def test_later_turns_are_asked_after_the_targets_own_answers(toy, tmp_path):
     records = [{"id": "three", "conversations": human("Tell me about dog cat", "and the river?", "why stone?")},
                {"id": "too long later", "conversations": human("Tell me about light", "word " * 120)},
                {"id": "one", "conversations": human("Tell me about music")},
-               {"id": "two, held out", "conversations": human("Tell me about clock", "and silver?")}]
+               {"id": "two", "conversations": human("Tell me about clock", "and silver?")}]
     sharegpt, out = str(tmp_path / "sharegpt.json"), str(tmp_path / "data")
     with open(sharegpt, "w") as f:
         json.dump(records, f)
     beagle("data", toy["target_dir"], "--dataset", sharegpt, "--out", out, "--max-prompt-len", "96",
-           "--max-new-tokens", "6", "--turns", "3", "--heldout", "1", "--shard-size", "4")
+           "--max-new-tokens", "6", "--turns", "3", "--heldout", "1", "--shard-size", "4", "--eager")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["sequences_per_turn"] == [4, 2, 1]
-    assert (summary["train_sequences"], summary["heldout_sequences"]) == (5, 2)
+    assert summary["answers_per_turn"] == [4, 2, 1]
 
-    with open(os.path.join(out, "responses.json")) as f:
-        dialogues = json.load(f)["dialogues"]
+    dialogues = ResponseStore(os.path.join(out, "responses")).dialogues()
+    assert sorted(d.record for d in dialogues) == [0, 1, 2, 3]
+    assert [len(d.turns) for d in sorted(dialogues, key=lambda d: d.record)] == [3, 1, 1, 2]
     tokenizer = AutoTokenizer.from_pretrained(toy["target_dir"])
-    sequences = []
-    for record, dialogue in zip(records, dialogues):
+    answers = {"heldout": set(), "train": set()}
+    for d in dialogues:
         messages = []
-        for (prompt, response), turn in zip(dialogue, record["conversations"][::2]):
+        for (prompt, answer), turn in zip(d.turns, records[d.record]["conversations"][::2]):
             messages.append({"role": "user", "content": turn["value"]})
             assert prompt == chat_ids(tokenizer, messages)
             greedy = toy["target"].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
-            assert response == greedy[0, len(prompt):].tolist()
-            messages.append({"role": "assistant", "content": tokenizer.decode(response, skip_special_tokens=True)})
-            sequences.append((prompt + response, [False] * len(prompt) + [True] * len(response)))
-    for split, want in (("train", sequences[:5]), ("heldout", sequences[5:])):
-        got = ShardSet(os.path.join(out, split)).sequences
-        assert [(s["input_ids"].tolist(), s["loss_mask"].bool().tolist()) for s in got] == want
+            assert answer == greedy[0, len(prompt):].tolist()
+            messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
+            answers["heldout" if d.index == 0 else "train"].add((tuple(prompt), tuple(answer)))
+    for split, want in answers.items():
+        found = set()
+        for s in ShardSet(os.path.join(out, split)).sequences:
+            ids, mask = s["input_ids"].tolist(), s["loss_mask"].bool().tolist()
+            starts = [j for j in range(len(ids)) if mask[j] and (j == 0 or not mask[j - 1])]
+            for lo, hi in zip(starts, [*(j for j in range(1, len(ids)) if not mask[j] and mask[j - 1]), len(ids)]):
+                found.add((tuple(ids[:lo]), tuple(ids[lo:hi])))
+        assert found == want, split
