@@ -46,6 +46,7 @@ def atomic_path(path: str) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; results are ordinary files
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -60,6 +61,12 @@ def atomic_path(path: str) -> Iterator[str]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -25,6 +25,7 @@ import lzma
 import os
 import random
 import sys
+import time
 from collections.abc import Iterable
 
 from tqdm import tqdm
@@ -188,12 +189,13 @@ def _decode(row, file: str) -> Dialogue:
 
 def generate(target_dir: str, store: ResponseStore, conversations: list[Conversation], tokenizer,
              max_prompt_len: int, max_new_tokens: int, dtype: str, eager: bool, max_num_seqs: int,
-             chunk_size: int = 256, progress: bool = True) -> None:
+             chunk_size: int = 256, chunk_seconds: float = 300.0, progress: bool = True) -> None:
     """Answer every conversation the store lacks, greedily, with vLLM.
 
     Requests flow continuously: when a turn's answer is done the conversation's next turn joins the
     batch at once, so the engine always has `max_num_seqs` sequences to decode. Finished conversations
-    are written `chunk_size` at a time.
+    are written `chunk_size` at a time, or after `chunk_seconds` at most, so that an interruption loses
+    little more than the conversations still being answered.
     """
     done = {d.index for d in store.dialogues()}
     todo = iter([c for c in conversations if c.index not in done])
@@ -212,6 +214,7 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
     bar = tqdm(total=len(conversations), initial=len(done), desc="target answers", unit="conversation",
                disable=not progress, file=sys.stderr)
     tokens = 0
+    written = time.monotonic()
 
     def ask(conversation: Conversation, messages: list[dict], dialogue: Dialogue) -> bool:
         """Queue the conversation's next turn; False when it has no turn left that fits."""
@@ -250,9 +253,11 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
                 bar.set_postfix(answer_tokens=tokens, tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
                 while len(active) < 2 * max_num_seqs and admit():
                     pass
-        if len(finished) >= chunk_size or (not active and finished):
+        if finished and (len(finished) >= chunk_size or not active
+                         or time.monotonic() - written >= chunk_seconds):
             store.append(finished)
             finished = []
+            written = time.monotonic()
     bar.close()
     shutdown(llm)
 
