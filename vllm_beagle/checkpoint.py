@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .outputs import atomic_path, write_json
 from .schema import (
     CONFIG_FILE,
     DRAFT_TO_TARGET,
@@ -94,11 +94,6 @@ def write_checkpoint(path: str, config: Mapping[str, Any], tensors: Mapping[str,
     path = os.fspath(path)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     os.makedirs(path, exist_ok=True)
-    weights = os.path.join(path, WEIGHTS_FILE)
-    save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
-    os.replace(weights + ".tmp", weights)
-    config_file = os.path.join(path, CONFIG_FILE)
-    with open(config_file + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    os.replace(config_file + ".tmp", config_file)
+    with atomic_path(os.path.join(path, WEIGHTS_FILE)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    write_json(os.path.join(path, CONFIG_FILE), config)

@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from .train.draft_vocab import default_size
-    from .train.loop import TrainStateError, last_evaluation, train, uses_flex
+    from .train.loop import TrainStateError, last_evaluation, train, training_stats, uses_flex
     from .train.new_draft import check_options, new_draft
     from .train.shards import ShardError, ShardSet
 
@@ -154,8 +154,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     vocab_size = target.config.vocab_size
     draft_vocab = default_size(args.arch, vocab_size) if args.draft_vocab is None else args.draft_vocab
     try:
-        data = ShardSet(args.data, vocab_size)
-        heldout = ShardSet(heldout_dir, vocab_size) if heldout_dir else None
+        # EAGLE-1 reads the final state, which shards of every kind carry.
+        state = args.state or ("final_norm" if args.arch == "eagle" else None)
+        data = ShardSet(args.data, vocab_size, state)
+        heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
         draft, facts = new_draft(target, data, args.arch, args.kv_mode, draft_vocab, args.seed)
     except (ShardError, ValueError) as e:
         raise SystemExit(f"beagle train: {e}") from None
@@ -183,10 +185,18 @@ def cmd_train(args: argparse.Namespace) -> int:
                           **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in unused},
                           **dataclasses.asdict(train_cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
+                          "stats": _rounded(training_stats(work_dir)),
                           "tf32": args.tf32, "command": " ".join(["beagle", *sys.argv[1:]])}
     draft.to("cpu").to(getattr(torch, args.export_dtype)).save(args.out)
     print(f"beagle train: wrote {args.out}")
     return 0
+
+
+def _rounded(stats: dict) -> dict:
+    """Per-stage training figures for the checkpoint's record, with tokens/s."""
+    return {stage: {"steps": s["steps"], "seconds": round(s["seconds"], 1), "tokens": s["tokens"],
+                    "tokens_per_s": round(s["tokens"] / max(s["seconds"], 1e-9), 1),
+                    "peak_memory_gib": round(s["peak_memory_gib"], 2)} for stage, s in stats.items()}
 
 
 def train_config(args: argparse.Namespace):
@@ -357,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="beagle (default), or eagle: the EAGLE-1 baseline, trained on the same data for as many "
                          "epochs as both Beagle stages and written in the format vLLM's method eagle loads "
                          "(name its folder eagle-...)")
+    tr.add_argument("--state", default=None,
+                    help="the target state the draft reads: the one the shards hold (default), or final_norm, "
+                         "which shards of a pre-norm kind (layer, fused) also carry")
     tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
                     help="what draft steps attend to at inference (default concat)")
     tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",

@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
+import time
 
 import torch
 from tqdm import tqdm
 
+from ..outputs import atomic_path
 from ..reference import Draft
 from .evaluate import offline_acceptance
 from .objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss
@@ -80,9 +83,22 @@ def _steps_per_epoch(data: ShardSet, cfg: TrainConfig) -> int:
     return -(-len(data) // cfg.batch_size)
 
 
-def _batch_indices(data: ShardSet, cfg: TrainConfig, epoch: int, index: int) -> list[int]:
+# Sequences are batched with others of similar length, found within runs of this many batches of a random
+# order: padding then costs little, and every batch is still a random draw from the whole data.
+LENGTH_GROUP = 64
+
+
+def _epoch_batches(data: ShardSet, cfg: TrainConfig, epoch: int) -> list[list[int]]:
+    """The batches of an epoch, in order: a seeded shuffle, sorted by length within each run of
+    LENGTH_GROUP batches, cut into batches, and the batches shuffled again."""
     order = torch.randperm(len(data), generator=_generator(cfg.seed, 1, epoch)).tolist()
-    return order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
+    group = cfg.batch_size * LENGTH_GROUP
+    batches = []
+    for start in range(0, len(order), group):
+        run = sorted(order[start:start + group], key=data.length)
+        batches += [run[i:i + cfg.batch_size] for i in range(0, len(run), cfg.batch_size)]
+    shuffled = torch.randperm(len(batches), generator=_generator(cfg.seed, 4, epoch)).tolist()
+    return [batches[i] for i in shuffled]
 
 
 def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_after: int | None = None,
@@ -109,12 +125,16 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     per_epoch = _steps_per_epoch(data, cfg)
     total = per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs)
-    step = _load_state(work_dir, draft, optimizer, scheduler, device)
+    step, stats = _load_state(work_dir, draft, optimizer, scheduler, device)
     done_now = 0
+    batches = (None, None)  # (epoch, its batches)
     with tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or rank != 0) as bar:
         while step < total:
+            started = time.perf_counter()
             epoch, index = divmod(step, per_epoch)
-            indices = _batch_indices(data, cfg, epoch, index)[rank::world]
+            if batches[0] != epoch:
+                batches = (epoch, _epoch_batches(data, cfg, epoch))
+            indices = batches[1][index][rank::world]
             offset = int(torch.randint(cfg.window, (1,), generator=_generator(cfg.seed, 2, step)))
             noise = _generator(cfg.seed, 3, step, rank)
             optimizer.zero_grad(set_to_none=False)
@@ -132,15 +152,34 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
             scheduler.step()
             step += 1
             done_now += 1
+            stage = _stage_name(draft, epoch, cfg)
+            record = stats.setdefault(stage, {"steps": 0, "seconds": 0.0, "tokens": 0, "peak_memory_gib": 0.0})
+            record["steps"] += 1
+            record["seconds"] += time.perf_counter() - started
+            record["tokens"] += sum(min(data.length(i), cfg.max_len) for i in batches[1][index])
+            record["peak_memory_gib"] = max(record["peak_memory_gib"], _peak_memory_gib(device))
             bar.update(1)
-            bar.set_postfix(stage=1 if epoch < cfg.stage1_epochs else 2, loss=f"{shown:.3f}")
+            bar.set_postfix(stage=stage, loss=f"{shown:.3f}", tok_s=f"{record['tokens'] / record['seconds']:.0f}")
             if rank == 0 and (step % cfg.save_every == 0 or step == total or done_now == stop_after):
-                _save_state(work_dir, draft, optimizer, scheduler, step)
+                _save_state(work_dir, draft, optimizer, scheduler, step, stats)
             if rank == 0 and heldout is not None and step % per_epoch == 0:
                 _evaluate(draft, heldout, data, work_dir, cfg, step, step // per_epoch, bar)
             if done_now == stop_after:
                 break
     return draft
+
+
+def _stage_name(draft: Draft, epoch: int, cfg: TrainConfig) -> str:
+    if draft.arch == "eagle":
+        return "teacher_forced"
+    return "stage1" if epoch < cfg.stage1_epochs else "stage2"
+
+
+def _peak_memory_gib(device) -> float:
+    """The most memory the run has held: the GPU's allocations on CUDA, the process's resident set elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _init_distributed(device: str) -> tuple[int, int]:
@@ -206,17 +245,22 @@ class TrainStateError(ValueError):
     """A saved training state that does not fit the draft being trained."""
 
 
-def _save_state(work_dir, draft, optimizer, scheduler, step) -> None:
+def _save_state(work_dir, draft, optimizer, scheduler, step, stats) -> None:
+    with atomic_path(os.path.join(work_dir, STATE_FILE)) as tmp:
+        torch.save({"step": step, "block": draft.block.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "stats": stats}, tmp)
+
+
+def training_stats(work_dir: str) -> dict:
+    """Per stage of the saved run: steps, wall seconds, tokens (unpadded positions), peak memory."""
     path = os.path.join(work_dir, STATE_FILE)
-    torch.save({"step": step, "block": draft.block.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    return torch.load(path, weights_only=True).get("stats", {}) if os.path.exists(path) else {}
 
 
-def _load_state(work_dir, draft, optimizer, scheduler, device) -> int:
+def _load_state(work_dir, draft, optimizer, scheduler, device) -> tuple[int, dict]:
     path = os.path.join(work_dir, STATE_FILE)
     if not os.path.exists(path):
-        return 0
+        return 0, {}
     state = torch.load(path, weights_only=True, map_location=device)
     try:
         draft.block.load_state_dict(state["block"])
@@ -227,4 +271,4 @@ def _load_state(work_dir, draft, optimizer, scheduler, device) -> int:
                               "or train into another --work-dir") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
+    return state["step"], state.get("stats", {})

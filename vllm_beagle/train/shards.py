@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..outputs import atomic_path
+from ..schema import STATE_FINAL_NORM
 
 SHARD_GLOB = "shard-*.safetensors"
 
@@ -86,9 +87,12 @@ class ShardSet:
     Every shard is checked when the set is opened (keys, dtypes, shapes, offsets, token ids within
     `vocab_size` when given), and each sequence's states when they are read (finite values), so that a
     damaged file is refused by name here rather than failing somewhere inside a training step.
+
+    `state` "final_norm" reads shards of a pre-norm kind as final-state shards (their `final` tensor as
+    the states): one extraction of fused states also trains top-state drafts and the EAGLE-1 baseline.
     """
 
-    def __init__(self, folder: str, vocab_size: int | None = None):
+    def __init__(self, folder: str, vocab_size: int | None = None, state: str | None = None):
         self.folder = folder
         self.files = sorted(glob.glob(os.path.join(folder, SHARD_GLOB)))
         if not self.files:
@@ -119,11 +123,21 @@ class ShardSet:
         if len(widths) != 1:
             raise ShardError(f"the shards in {folder} hold states of different widths: {sorted(widths, key=str)}")
         self.state = states.pop()
-        self.state_width = widths.pop()[0]
+        width, final_width = widths.pop()
+        self._final_view = state is not None and state != self.state
+        if self._final_view and (state != STATE_FINAL_NORM or final_width is None):
+            raise ShardError(f"the shards in {folder} hold {self.state} states, which cannot be read as {state} "
+                             f"(only a pre-norm kind's shards can be read as {STATE_FINAL_NORM})")
+        self.state = state or self.state
+        self.state_width = final_width if self._final_view else width
         self.sequences = _Sequences(self)
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def length(self, i: int) -> int:
+        _, start, end = self._index[i]
+        return end - start
 
     def tokens(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids, loss_mask) of every sequence, without reading any state."""
@@ -134,15 +148,16 @@ class ShardSet:
         handle, file = self._handles[number], self.files[number]
         ids, mask = self._tokens[i]
         seq = {"input_ids": ids, "loss_mask": mask}
-        for name in _FLOATS:
-            if name in handle.keys():
+        names = {"final": "states"} if self._final_view else {name: name for name in _FLOATS}
+        for stored, name in names.items():
+            if stored in handle.keys():
                 try:
-                    seq[name] = handle.get_slice(name)[start:end]
+                    seq[name] = handle.get_slice(stored)[start:end]
                 except (SafetensorError, OSError, RuntimeError) as e:
                     raise ShardError(f"training shard {file} cannot be read ({e})") from None
                 bad = int((~torch.isfinite(seq[name])).sum())
                 if bad:
-                    raise ShardError(f"training shard {file}: '{name}' holds {bad} NaN/Inf value(s) "
+                    raise ShardError(f"training shard {file}: '{stored}' holds {bad} NaN/Inf value(s) "
                                      f"(sequence {i - self._first_of(number)} of the shard)")
         return seq
 
