@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from vllm_beagle.drafts import draft_path  # noqa: E402
+from vllm_beagle.schema import state_name  # noqa: E402
 from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
 from vllm_beagle.train.evaluate import load_draft, offline_acceptance  # noqa: E402
 from vllm_beagle.train.shards import ShardSet  # noqa: E402
@@ -45,13 +46,14 @@ def main() -> int:
 
     target_dir = args.target or smollm2_dir()
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    data = ShardSet(args.data, target.config.vocab_size)
     results = []
-    print(f"{min(args.sequences, len(data))} sequences of {args.data}, K = {args.k}"
+    print(f"{args.sequences} sequences at most of {args.data}, K = {args.k}"
           + (f", rounds within the first {args.within} response tokens" if args.within else "") + "\n")
     print("| draft | tau | per-position acceptance | rounds |\n|---|---|---|---|")
     for name in args.drafts:
         draft = load_draft(draft_path(name), target)
+        # Shards of a pre-norm kind also serve drafts that read the final state.
+        data = ShardSet(args.data, target.config.vocab_size, state_name(draft.cfg))
         r = offline_acceptance(draft, data, args.k, args.sequences, within=args.within)
         results.append({"draft": name, "k": args.k, **r})
         rates = " / ".join(f"{x:.2f}" for x in r["per_position"])

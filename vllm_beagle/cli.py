@@ -140,6 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_options(args.arch, args.kv_mode, args.draft_vocab or 0)
         train_cfg = train_config(args)
         uses_flex(train_cfg.attention, device)
+        if not 0 < args.data_fraction <= 1:
+            raise ValueError(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
         if args.tf32:
             if torch.device(device).type != "cuda":
                 raise ValueError("--tf32 needs a CUDA device")
@@ -157,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # EAGLE-1 reads the final state, which shards of every kind carry.
         state = args.state or ("final_norm" if args.arch == "eagle" else None)
         data = ShardSet(args.data, vocab_size, state)
+        data.keep_first(max(1, round(len(data) * args.data_fraction)))
         heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
         draft, facts = new_draft(target, data, args.arch, args.kv_mode, draft_vocab, args.seed)
     except (ShardError, ValueError) as e:
@@ -182,6 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.
     unused = {"loss"} | ({"window", "sim_steps", "attention"} if args.arch == "eagle" else set())
     draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
+                          "data_fraction": args.data_fraction,
                           **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in unused},
                           **dataclasses.asdict(train_cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
@@ -367,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="beagle (default), or eagle: the EAGLE-1 baseline, trained on the same data for as many "
                          "epochs as both Beagle stages and written in the format vLLM's method eagle loads "
                          "(name its folder eagle-...)")
+    tr.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
+                    help="train on the first fraction F of the sequences (beagle data orders conversations "
+                         "randomly, so this is a uniform sample; default 1)")
     tr.add_argument("--state", default=None,
                     help="the target state the draft reads: the one the shards hold (default), or final_norm, "
                          "which shards of a pre-norm kind (layer, fused) also carry")

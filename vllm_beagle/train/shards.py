@@ -135,6 +135,10 @@ class ShardSet:
     def __len__(self) -> int:
         return len(self._index)
 
+    def keep_first(self, count: int) -> None:
+        """Use only the first `count` sequences (a prefix of beagle data's seeded order is a uniform sample)."""
+        del self._index[count:], self._tokens[count:]
+
     def length(self, i: int) -> int:
         _, start, end = self._index[i]
         return end - start

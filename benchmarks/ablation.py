@@ -1,0 +1,147 @@
+"""Ablations of Beagle drafts on one data set, in one table: each variant is `beagle train` with its own
+options on the same shards (and the same recipe otherwise), then its offline tau on the same held-out
+shards, and in one vLLM run its tau, per-position acceptance and speed-up on the same prompts, beside
+plain decoding and n-gram drafting.
+
+    python benchmarks/ablation.py --data DATA/train [--heldout DATA/heldout] [--work ablation]
+        [--variants top fused fused-noreg fused@0.25 ...] [--k 3] [--prompts mtbench] [--num-prompts 16]
+        [--max-tokens 128] [--eager] [--json FILE] [-- TRAIN OPTIONS]
+
+A variant is a name from VARIANTS, optionally with @F to train on the first fraction F of the training
+sequences (the data's conversations are in a seeded random order, so a prefix is a uniform sample): the
+points of a data-size curve. Shards of fused states serve every variant (top-state drafts and EAGLE-1
+read the final states those shards carry). Drafts are trained into WORK/<variant> unless that checkpoint
+is there, and `beagle train` resumes, so running the command again picks up where it stopped. TRAIN
+OPTIONS go to every `beagle train` (default: beagle train's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from vllm_beagle.compare import chat_token_ids, run_engines, summarize
+from vllm_beagle.drafts import speculative_config
+from vllm_beagle.prompts import load_prompts
+from vllm_beagle.schema import CONFIG_FILE, state_name
+from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.train.evaluate import load_draft, offline_acceptance
+from vllm_beagle.train.shards import ShardSet
+
+# What each variant adds to the common `beagle train` options.
+VARIANTS = {
+    "top": ["--state", "final_norm"],
+    "top-noreg": ["--state", "final_norm", "--regression-weight", "0"],
+    "fused": [],
+    "fused-noreg": ["--regression-weight", "0"],
+    "eagle": ["--arch", "eagle"],
+}
+
+
+def parse_variant(spec: str) -> tuple[str, float]:
+    name, _, fraction = spec.partition("@")
+    if name not in VARIANTS:
+        raise SystemExit(f"ablation.py: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    value = float(fraction) if fraction else 1.0
+    if not 0 < value <= 1:
+        raise SystemExit(f"ablation.py: the fraction of {spec!r} must be in (0, 1]")
+    return name, value
+
+
+def checkpoint_name(spec: str) -> str:
+    # vLLM's --spec-model shorthand and our own naming: beagle-... and eagle-... folders.
+    name, fraction = parse_variant(spec)
+    prefix = "eagle" if name == "eagle" else "beagle"
+    return f"{prefix}-{name}" + (f"-frac{fraction:g}" if fraction < 1 else "")
+
+
+def train(spec: str, args, options: list[str]) -> str:
+    out = os.path.join(args.work, checkpoint_name(spec))
+    if os.path.isfile(os.path.join(out, CONFIG_FILE)):
+        return out
+    name, fraction = parse_variant(spec)
+    argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *VARIANTS[name], *options]
+    if fraction < 1:
+        argv += ["--data-fraction", str(fraction)]
+    if args.heldout:
+        argv += ["--heldout", args.heldout]
+    print("ablation.py: beagle " + " ".join(argv), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "vllm_beagle.cli", *argv], check=True)
+    return out
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    options = []
+    if "--" in argv:
+        argv, options = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="training shards (OUT/train of beagle data)")
+    parser.add_argument("--heldout", default=None, help="held-out shards (default: heldout beside --data)")
+    parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
+    parser.add_argument("--work", default="ablation", help="where the drafts are trained (default ablation)")
+    parser.add_argument("--variants", nargs="+", default=["top", "fused", "fused-noreg"],
+                        help=f"variants to compare, NAME or NAME@FRACTION; names: {', '.join(VARIANTS)} "
+                             "(default: top fused fused-noreg)")
+    parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
+    parser.add_argument("--prompts", default="mtbench", help="vLLM prompt set (default mtbench)")
+    parser.add_argument("--num-prompts", type=int, default=16, help="vLLM prompts (default 16)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
+    parser.add_argument("--offline-sequences", type=int, default=40, help="held-out sequences read offline (default 40)")
+    parser.add_argument("--eager", action="store_true", help="vLLM without compilation (default: compiled)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    for spec in args.variants:
+        parse_variant(spec)
+    args.target = args.target or smollm2_dir()
+    args.heldout = args.heldout or os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
+    if not os.path.isdir(args.heldout):
+        raise SystemExit(f"ablation.py: no held-out shards at {args.heldout}")
+    drafts = {spec: train(spec, args, options) for spec in args.variants}
+
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    rows = {}
+    for spec, path in drafts.items():
+        draft = load_draft(path, target)
+        heldout = ShardSet(args.heldout, target.config.vocab_size, state_name(draft.cfg))
+        offline = offline_acceptance(draft, heldout, args.k, args.offline_sequences)
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            config = json.load(f)
+        training = config.get("beagle", {}).get("training") or config.get("training", {})
+        rows[spec] = {"checkpoint": path, "offline": offline, "sequences": training.get("sequences"),
+                      "stats": training.get("stats")}
+    prompts = chat_token_ids(args.target, load_prompts(args.prompts, args.num_prompts))
+    specs = {"plain": None, "ngram": speculative_config("ngram", args.k)}
+    specs.update({spec: speculative_config(path, args.k) for spec, path in drafts.items()})
+    measured = summarize(run_engines(args.target, specs, prompts, args.max_tokens, eager=args.eager))
+    mode = "eager" if args.eager else "compiled"
+    print(f"\n{len(prompts)} {args.prompts} prompts, {args.max_tokens} new tokens, K = {args.k}, greedy, batch 1, "
+          f"vLLM {mode}; offline: {args.offline_sequences} held-out sequences of {args.heldout}\n")
+    print("| drafting | training sequences | offline tau | vLLM tau | per position | speed-up | identical |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in measured.items():
+        extra = rows.get(name, {})
+        offline = f"{extra['offline']['tau']:.2f}" if extra else "-"
+        tau = f"{r['tau']:.2f}" if "tau" in r else "-"
+        rates = " / ".join(f"{x:.2f}" for x in r.get("per_position", [])) or "-"
+        print(f"| {name} | {extra.get('sequences') or '-'} | {offline} | {tau} | {rates} | {r['speedup']:.2f}x | "
+              f"{r['identical_outputs']}/{r['prompts']} |")
+        if extra:
+            extra["vllm"] = r
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"data": os.path.abspath(args.data), "heldout": args.heldout, "k": args.k,
+                       "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+                       "eager": args.eager, "options": options, "plain": measured["plain"],
+                       "ngram": measured["ngram"], "variants": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The training data's pieces, without vLLM: the response store (every prompt rebuilt exactly, settings
+held to), turns chained into sequences, evaluation prompts kept out, and fused shards that also serve
+drafts of the final state."""
+
+import json
+import lzma
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from vllm_beagle.prompts import evaluation_texts, load_prompts
+from vllm_beagle.schema import BeagleConfig, state_fields
+from vllm_beagle.train.data import sequences_of, write_examples
+from vllm_beagle.train.responses import Dialogue, ResponseStore, StoreError, select_conversations
+from vllm_beagle.train.shards import ShardError, ShardSet
+
+
+def test_the_store_rebuilds_every_prompt_and_keeps_to_its_settings(tmp_path):
+    store = ResponseStore(str(tmp_path / "store"))
+    store.claim({"target": "abc", "dtype": "float32"})
+    # Turn 2's prompt shares a prefix with turn 1's prompt and answer, then departs from it.
+    dialogues = [Dialogue(3, 7, [([1, 2, 3], [4, 5]), ([1, 2, 3, 4, 9, 10], [11]), ([12], [13, 14])]),
+                 Dialogue(0, 2, [([1], [2])])]
+    store.append(dialogues[:1])
+    store.append(dialogues[1:])
+    assert store.dialogues() == sorted(dialogues, key=lambda d: d.index)
+    with lzma.open(store.chunks()[0], "rt") as f:
+        assert json.load(f)[0][2][1] == [4, [9, 10], [11]]  # four ids shared, two new
+    store.claim({"target": "abc", "dtype": "float32"})
+    with pytest.raises(StoreError, match="dtype differ"):
+        store.claim({"target": "abc", "dtype": "bfloat16"})
+
+
+def test_a_damaged_chunk_is_refused_by_name(tmp_path):
+    store = ResponseStore(str(tmp_path))
+    store.append([Dialogue(0, 0, [([1, 2], [3])])])
+    chunk = store.chunks()[0]
+    with open(chunk, "rb") as f:
+        data = f.read()
+    with open(chunk, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(StoreError, match=f"response chunk {chunk} is damaged"):
+        store.dialogues()
+
+
+def test_turns_that_chain_make_one_sequence_with_every_answer_supervised():
+    chained = Dialogue(0, 0, [([1, 2], [3]), ([1, 2, 3, 4], [5, 6])])
+    assert sequences_of(chained) == [([1, 2, 3, 4, 5, 6], [False, False, True, False, True, True])]
+    broken = Dialogue(0, 0, [([1, 2], [3]), ([1, 2, 7, 4], [5])])
+    assert sequences_of(broken) == [([1, 2, 3], [False, False, True]), ([1, 2, 7, 4, 5], [False] * 4 + [True])]
+
+
+def test_state_names_read_back_and_refuse_what_the_target_lacks():
+    assert state_fields("fused", 30) == {"state": "fused", "state_layers": [2, 15, 27]}
+    assert state_fields("fused:27,2,15", 30) == {"state": "fused", "state_layers": [2, 15, 27]}
+    assert state_fields("layer:24") == {"state": "layer", "state_layer": 24}
+    for bad, message in (("fused:2,31", "outside the target's 0..30"), ("fused:2,2", "twice"),
+                         ("top", "unknown state"), ("layer:1,2", "unknown state")):
+        with pytest.raises(ValueError, match=message):
+            state_fields(bad, 30)
+
+
+def test_conversations_with_an_evaluation_prompt_are_never_chosen(toy, tmp_path):
+    question = load_prompts("mtbench", 1)[0][0]["content"]
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"Tell me about {i}"}]} for i in range(6)]
+    records[2]["conversations"].append({"from": "human", "value": "  " + question.upper() + " "})
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records))
+    tokenizer = AutoTokenizer.from_pretrained(toy["target_dir"])
+    chosen, counts = select_conversations(str(path), tokenizer, 64, 2, 0, evaluation_texts())
+    assert counts["skipped_evaluation_prompts"] == 1 and sorted(c.record for c in chosen) == [0, 1, 3, 4, 5]
+    again, _ = select_conversations(str(path), tokenizer, 64, 2, 0, evaluation_texts())
+    assert [c.record for c in again] == [c.record for c in chosen]  # the order is the seed's
+    assert [c.index for c in chosen] == list(range(5))
+
+
+def test_fused_shards_read_as_final_states_equal_final_state_shards(toy, tmp_path):
+    target = toy["target"]
+    sequences = [([1, 450, 7483, 310, 3444], [False, False, True, True, True]), ([1, 15043, 29892], [False, True, True])]
+    folders = {}
+    for state in ("final_norm", "fused:0,1,2"):
+        cfg = BeagleConfig.from_target(target.config.to_dict(), **state_fields(state, target.config.num_hidden_layers))
+        folders[state] = str(tmp_path / state)
+        write_examples(target, cfg, sequences, folders[state], shard_size=1, progress=False)
+    fused, top = ShardSet(folders["fused:0,1,2"]), ShardSet(folders["final_norm"])
+    assert fused.state == "fused:0,1,2" and fused.state_width == 3 * top.state_width
+    view = ShardSet(folders["fused:0,1,2"], state="final_norm")
+    assert view.state == "final_norm" and view.state_width == top.state_width
+    for a, b in zip(view.sequences, top.sequences, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ShardError, match="cannot be read as"):
+        ShardSet(folders["final_norm"], state="fused:0,1,2")
