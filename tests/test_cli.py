@@ -49,9 +49,30 @@ def test_serve_command_sets_the_method_from_the_checkpoint(toy):
     assert argv[-4:] == ["--port", "8123", "--dtype", "float32"]
 
 
-def test_serve_refuses_a_second_speculative_config(toy):
+@pytest.mark.parametrize("option", [["--speculative-config", "{}"], ["-sc", "{}"], ["--speculative_config={}"],
+                                    ["--speculative-config.model=x"], ["--spec-tokens", "3"]])
+def test_serve_refuses_a_second_speculative_config(toy, option):
     with pytest.raises(SystemExit, match="do not pass --speculative-config"):
-        serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--speculative-config", "{}"])
+        serve_command(toy["target_dir"], toy["draft_dir"], 3, option)
+
+
+def test_serve_listens_on_loopback_unless_told_and_hides_the_api_key(toy, capsys):
+    from vllm_beagle.cli import redacted
+
+    argv = serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--port", "8123"])
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    argv = serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--host", "0.0.0.0"])
+    assert argv.count("--host") == 1 and "without --api-key" in capsys.readouterr().err
+    argv = serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--host", "0.0.0.0", "--api-key", "s3cret"])
+    assert "without --api-key" not in capsys.readouterr().err
+    assert "s3cret" not in " ".join(redacted(argv)) and "s3cret" not in " ".join(redacted(["--api-key=s3cret"]))
+    assert "--uds" in serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--uds", "/tmp/s"])
+    assert "--host" not in serve_command(toy["target_dir"], toy["draft_dir"], 3, ["--uds", "/tmp/s"])
+
+
+def test_serve_wants_the_target_before_any_option(toy):
+    result = beagle("serve", "--port", "8000", toy["target_dir"], "--draft", toy["draft_dir"])
+    assert result.returncode == 2 and "TARGET comes first" in result.stderr
 
 
 def test_serve_refuses_a_bad_draft_before_starting_vllm(toy, tmp_path):

