@@ -202,13 +202,17 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
     if len(done) >= len(conversations):
         return
     from vllm import SamplingParams, TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
 
     from ..offline import make_llm, shutdown
 
     llm = make_llm(target_dir, dtype=dtype, enforce_eager=eager, max_model_len=max_prompt_len + max_new_tokens,
                    max_num_seqs=max_num_seqs, disable_log_stats=True)
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+    # Ids only, once per answer: detokenizing every step and reporting unfinished requests costs CPU that
+    # the model needs (the engine runs in this process).
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
     active: dict[str, tuple[Conversation, list[dict], Dialogue]] = {}
     finished: list[Dialogue] = []
     bar = tqdm(total=len(conversations), initial=len(done), desc="target answers", unit="conversation",
