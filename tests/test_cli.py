@@ -121,13 +121,15 @@ def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_wit
     assert cfg.draft_vocab_size == 256 and tensors["draft_to_target"].shape == (256,)
     assert 0 < cfg.training["draft_vocab_coverage"] <= 1
     assert "draft vocabulary of 256 tokens covers" in result.stdout
-    # Resuming that training state with another draft vocabulary is refused, and the state is kept.
+    # Resuming that training state with another draft vocabulary or learning rate is refused by name, and the
+    # state is kept.
     state = out + ".train/train_state.pt"
     saved = os.path.getmtime(state)
-    result = train_on_shards(toy, shards, out, "--draft-vocab", "0", *ONE_EPOCH)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"the training state {state} was saved for another draft" in result.stderr
-    assert "lm_head.weight" in result.stderr and os.path.getmtime(state) == saved
+    for options, field in ((["--draft-vocab", "0"], "draft_vocab"), (["--draft-vocab", "256", "--lr", "0.5"], "lr")):
+        result = train_on_shards(toy, shards, out, *options, *ONE_EPOCH)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert f"the training state {state} belongs to another run: {field} differ" in result.stderr
+        assert os.path.getmtime(state) == saved
 
 
 @pytest.mark.parametrize("options, message", [

@@ -1,5 +1,6 @@
 """The trainer under faults: SIGKILL at random points resumes to the weights of an uninterrupted run;
-an output folder that cannot be written, or a disk without room, fails before any work is done."""
+an output folder that cannot be written, or a disk without room, fails before any work is done; a
+second run on the same folder, and a damaged training state, are refused by name."""
 
 import os
 import random
@@ -73,3 +74,40 @@ def test_a_disk_without_room_is_refused_before_work(tmp_path):
     with pytest.raises(OutputError, match="needs up to .* GiB but .* GiB free"):
         prepare_output_dir(str(tmp_path / "out"), 2**62, "the training data")
     prepare_output_dir(str(tmp_path / "out"), 1, "the training data")  # room for a byte
+
+
+def test_a_second_run_on_a_training_folder_is_refused_while_the_first_holds_it(toy, shards, tmp_path):
+    out = str(tmp_path / "beagle-locked")
+    first = subprocess.Popen(train_command(toy, shards, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = os.path.join(out + ".train", ".lock")
+        while first.poll() is None and not (os.path.exists(lock) and open(lock).read().strip()):
+            time.sleep(0.01)
+        second = subprocess.run(train_command(toy, shards, out), capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended before the second could meet it"
+        assert second.returncode != 0
+        assert f"the training folder {out}.train is in use by process {first.pid}" in second.stderr, second.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_training_state_is_named_with_what_to_do(toy, shards, tmp_path, damage):
+    out = str(tmp_path / "beagle-damaged")
+    proc = subprocess.run(train_command(toy, shards, out), capture_output=True, timeout=600)
+    assert proc.returncode == 0
+    state = out + ".train/" + STATE_FILE
+    data = open(state, "rb").read()
+    with open(state, "wb") as f:
+        f.write(b"" if damage == "empty" else data[:len(data) // 2])
+    result = subprocess.run(train_command(toy, shards, out), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"the training state {state} is damaged" in result.stderr and "delete it" in result.stderr
+
+
+def test_a_torn_last_evaluation_line_is_passed_over(tmp_path):
+    from vllm_beagle.train.loop import EVAL_FILE, last_evaluation
+
+    (tmp_path / EVAL_FILE).write_text('{"epoch": 1, "tau": 1.5}\n{"epoch": 2, "ta')
+    assert last_evaluation(str(tmp_path)) == {"epoch": 1, "tau": 1.5}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
-from .outputs import OutputError, prepare_output_dir
+from .outputs import OutputError, exclusive, prepare_output_dir
 from .schema import CheckpointError
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -174,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from .train.draft_vocab import default_size
-    from .train.loop import TrainStateError, last_evaluation, train, training_stats, uses_flex
+    from .train.loop import TrainStateError, last_evaluation, run_identity, train, training_stats, uses_flex
     from .train.new_draft import check_options, new_draft
     from .train.shards import ShardError, ShardSet
 
@@ -220,11 +221,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_output_dir(os.path.dirname(os.path.abspath(args.out)), state_bytes, "the checkpoint")
     except OutputError as e:
         raise SystemExit(f"beagle train: {e}") from None
+    from .train.responses import fingerprint
+
+    identity = run_identity(train_cfg, data, target=fingerprint(args.target), arch=args.arch, state=data.state,
+                            kv_mode=args.kv_mode, draft_vocab=draft_vocab)
     try:
-        train(draft, data, work_dir, train_cfg, heldout=heldout, device=device)
-    except TrainStateError as e:
+        # One lock per run: under torchrun every rank trains, and rank 0 holds the folder.
+        rank = int(os.environ.get("RANK", "0"))
+        with exclusive(work_dir, "the training folder") if rank == 0 else contextlib.nullcontext():
+            train(draft, data, work_dir, train_cfg, heldout=heldout, device=device, identity=identity)
+    except (TrainStateError, OutputError) as e:
         raise SystemExit(f"beagle train: {e}") from None
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:
         return 0  # rank 0 writes the checkpoint
     evaluation = last_evaluation(work_dir)
     # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.

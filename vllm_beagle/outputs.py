@@ -8,6 +8,7 @@ after hours of generation or training.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -61,6 +62,30 @@ def atomic_path(path: str) -> Iterator[str]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(folder: str, what: str) -> Iterator[None]:
+    """Hold `folder` for this process alone while the block runs: a second run on it is refused at once,
+    naming the folder and the process that holds it. The lock is the kernel's (flock), so it ends with
+    the process, however that ends; the lock file itself is harmless to leave."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise OutputError(f"{what} {folder} is in use by process {holder}; wait for it to end, or use "
+                              "another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

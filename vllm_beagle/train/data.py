@@ -16,7 +16,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..outputs import prepare_output_dir, write_json
+from ..outputs import exclusive, prepare_output_dir, write_json
 from ..reference import target_states
 from ..schema import STATE_FINAL_NORM, BeagleConfig, state_fields, state_name
 from .responses import Dialogue
@@ -137,8 +137,9 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     store.claim(store_lib.generation_manifest(target_dir, path, max_prompt_len, max_new_tokens, turns, seed, dtype,
                                               eager, len(conversations)))
     if generate:
-        store_lib.generate(target_dir, store, wanted, tokenizer, max_prompt_len, max_new_tokens, dtype, eager,
-                           max_num_seqs, progress=progress)
+        with exclusive(store.folder, "the response store"):
+            store_lib.generate(target_dir, store, wanted, tokenizer, max_prompt_len, max_new_tokens, dtype, eager,
+                               max_num_seqs, progress=progress)
     dialogues = {d.index: d for d in store.dialogues() if d.index < len(wanted)}
     held = min(heldout, len(wanted) - 1)
     summary = {"dataset": os.path.abspath(path), **counts, "conversations_usable": len(conversations),
@@ -150,10 +151,11 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
 
         target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
         store_id = hashlib.sha256(json.dumps(store.manifest(), sort_keys=True).encode()).hexdigest()
-        for name, first, end in (("heldout", 0, held), ("train", held, len(wanted))):
-            if end > first:
-                summary[name] = write_conversation_shards(target, cfg, dialogues, first, end, shard_size,
-                                                          os.path.join(out, name), store_id, progress)
+        with exclusive(out, "the data folder"):
+            for name, first, end in (("heldout", 0, held), ("train", held, len(wanted))):
+                if end > first:
+                    summary[name] = write_conversation_shards(target, cfg, dialogues, first, end, shard_size,
+                                                              os.path.join(out, name), store_id, progress)
         summary["state"] = state_name(cfg)
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), summary)

@@ -52,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if self.stage2_epochs and not 1 <= self.sim_steps <= self.window:
             raise ValueError(f"sim_steps must be between 1 and window ({self.window}), got {self.sim_steps}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be at least 2 (a row needs a state and a next token), got {self.max_len}")
         for name in ("batch_size", "save_every", "eval_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -101,9 +103,25 @@ def _epoch_batches(data: ShardSet, cfg: TrainConfig, epoch: int) -> list[list[in
     return [batches[i] for i in shuffled]
 
 
+# Options a resumed run may change: they decide when to save and what to measure, not what is trained.
+CHANGEABLE_ON_RESUME = ("save_every", "eval_k", "eval_sequences", "attention")
+
+
+def run_identity(cfg: TrainConfig, data: ShardSet, **more) -> dict:
+    """What a training state is a state of: the options that shape the weights, the data and `more`
+    (the caller's: e.g. the target's fingerprint). A resume must match it in every entry."""
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CHANGEABLE_ON_RESUME}
+    options["betas"] = list(options["betas"])
+    return {**options, "data": data.fingerprint(), **more}
+
+
 def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_after: int | None = None,
-          progress: bool = True, heldout: ShardSet | None = None, device: str = "cpu") -> Draft:
+          progress: bool = True, heldout: ShardSet | None = None, device: str = "cpu",
+          identity: dict | None = None) -> Draft:
     """Train `draft` in place, resuming from `work_dir` when it holds a saved state.
+
+    `identity` (default run_identity(cfg, data)) is saved with the state; a saved state of another
+    identity (other options, data or target) is refused by name rather than resumed.
 
     `stop_after` ends the run after that many steps of this call (the state is saved first), as an
     interruption would; calling train again resumes. With `heldout`, the offline acceptance of
@@ -125,7 +143,8 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     per_epoch = _steps_per_epoch(data, cfg)
     total = per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs)
-    step, stats = _load_state(work_dir, draft, optimizer, scheduler, device)
+    identity = identity or run_identity(cfg, data)
+    step, stats = _load_state(work_dir, draft, optimizer, scheduler, device, identity)
     done_now = 0
     batches = (None, None)  # (epoch, its batches)
     with tqdm(total=total, initial=step, desc="train", unit="step", disable=not progress or rank != 0) as bar:
@@ -161,7 +180,7 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
             bar.update(1)
             bar.set_postfix(stage=stage, loss=f"{shown:.3f}", tok_s=f"{record['tokens'] / record['seconds']:.0f}")
             if rank == 0 and (step % cfg.save_every == 0 or step == total or done_now == stop_after):
-                _save_state(work_dir, draft, optimizer, scheduler, step, stats)
+                _save_state(work_dir, draft, optimizer, scheduler, step, stats, identity)
             if rank == 0 and heldout is not None and step % per_epoch == 0:
                 _evaluate(draft, heldout, data, work_dir, cfg, step, step // per_epoch, bar)
             if done_now == stop_after:
@@ -238,30 +257,51 @@ def last_evaluation(work_dir: str) -> dict | None:
         return None
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else None
+    for line in reversed(lines):
+        try:  # a run killed while appending leaves a torn last line
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return None
 
 
 class TrainStateError(ValueError):
     """A saved training state that does not fit the draft being trained."""
 
 
-def _save_state(work_dir, draft, optimizer, scheduler, step, stats) -> None:
+def _save_state(work_dir, draft, optimizer, scheduler, step, stats, identity) -> None:
+    # The previous state stays under the name until this one is whole and synced (atomic_path).
     with atomic_path(os.path.join(work_dir, STATE_FILE)) as tmp:
         torch.save({"step": step, "block": draft.block.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "stats": stats}, tmp)
+                    "scheduler": scheduler.state_dict(), "stats": stats, "identity": identity}, tmp)
+
+
+def _read_state(path: str, device="cpu") -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location=device)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise TrainStateError(f"the training state {path} is damaged ({e}); delete it to start the run again, "
+                              "or train into another --work-dir") from None
 
 
 def training_stats(work_dir: str) -> dict:
     """Per stage of the saved run: steps, wall seconds, tokens (unpadded positions), peak memory."""
     path = os.path.join(work_dir, STATE_FILE)
-    return torch.load(path, weights_only=True).get("stats", {}) if os.path.exists(path) else {}
+    return _read_state(path).get("stats", {}) if os.path.exists(path) else {}
 
 
-def _load_state(work_dir, draft, optimizer, scheduler, device) -> tuple[int, dict]:
+def _load_state(work_dir, draft, optimizer, scheduler, device, identity) -> tuple[int, dict]:
     path = os.path.join(work_dir, STATE_FILE)
     if not os.path.exists(path):
         return 0, {}
-    state = torch.load(path, weights_only=True, map_location=device)
+    state = _read_state(path, device)
+    saved = state.get("identity", identity)
+    changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if changed:
+        raise TrainStateError(
+            f"the training state {path} belongs to another run: {', '.join(changed)} differ "
+            f"({ {k: saved.get(k) for k in changed} } there, { {k: identity.get(k) for k in changed} } now). "
+            "Resume with the options, data and target it was started with, or train into another --work-dir")
     try:
         draft.block.load_state_dict(state["block"])
     except RuntimeError as e:  # its first line only names the module

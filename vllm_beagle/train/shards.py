@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -134,6 +135,13 @@ class ShardSet:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def fingerprint(self) -> str:
+        """sha256 over the shards' names and sizes and the sequences used: what a training state was trained on."""
+        digest = hashlib.sha256(str(len(self)).encode())
+        for file in self.files:
+            digest.update(f"{os.path.basename(file)}:{os.path.getsize(file)};".encode())
+        return digest.hexdigest()
 
     def keep_first(self, count: int) -> None:
         """Use only the first `count` sequences (a prefix of beagle data's seeded order is a uniform sample)."""
