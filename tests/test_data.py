@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from vllm_beagle.prompts import evaluation_texts, load_prompts
+from vllm_beagle.prompts import load_prompts, mtbench_texts
 from vllm_beagle.schema import BeagleConfig, state_fields
 from vllm_beagle.train.data import sequences_of, write_examples
 from vllm_beagle.train.responses import Dialogue, ResponseStore, StoreError, select_conversations
@@ -69,11 +69,12 @@ def test_conversations_with_an_evaluation_prompt_are_never_chosen(toy, tmp_path)
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(records))
     tokenizer = AutoTokenizer.from_pretrained(toy["target_dir"])
-    chosen, counts = select_conversations(str(path), tokenizer, 64, 2, 0, evaluation_texts())
-    assert counts["skipped_evaluation_prompts"] == 1 and sorted(c.record for c in chosen) == [0, 1, 3, 4, 5]
-    again, _ = select_conversations(str(path), tokenizer, 64, 2, 0, evaluation_texts())
+    chosen, counts = select_conversations(str(path), tokenizer, 64, 2, 0, mtbench_texts(), exclude_last=1)
+    assert counts["skipped_evaluation_prompts"] == 1 and counts["skipped_evaluation_records"] == 1
+    assert sorted(c.record for c in chosen) == [0, 1, 3, 4]
+    again, _ = select_conversations(str(path), tokenizer, 64, 2, 0, mtbench_texts(), exclude_last=1)
     assert [c.record for c in again] == [c.record for c in chosen]  # the order is the seed's
-    assert [c.index for c in chosen] == list(range(5))
+    assert [c.index for c in chosen] == list(range(4))
 
 
 def test_fused_shards_read_as_final_states_equal_final_state_shards(toy, tmp_path):

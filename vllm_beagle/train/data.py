@@ -116,7 +116,7 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..prompts import evaluation_texts
+    from ..prompts import SHAREGPT_HELDOUT, mtbench_texts
     from . import responses as store_lib
     from . import sharegpt
 
@@ -128,8 +128,9 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
                                        **state_fields(state, target_config.num_hidden_layers))
     path = dataset or sharegpt.default_path()
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    # The default file's last records are the `sharegpt-heldout` prompt set.
     conversations, counts = store_lib.select_conversations(path, tokenizer, max_prompt_len, turns, seed,
-                                                           evaluation_texts())
+                                                           mtbench_texts(), SHAREGPT_HELDOUT if dataset is None else 0)
     if not conversations:
         raise ValueError(f"no usable conversation in {path}: {counts}")
     wanted = conversations[:num_prompts]

@@ -57,27 +57,34 @@ def normalized(text: str) -> str:
 
 
 def select_conversations(path: str, tokenizer, max_prompt_len: int, turns: int, seed: int,
-                         excluded: set[str]) -> tuple[list[Conversation], dict]:
+                         excluded: set[str], exclude_last: int = 0) -> tuple[list[Conversation], dict]:
     """Every usable conversation of a ShareGPT file in a seeded random order, and the counts of what
-    was skipped: malformed records, first prompts longer than `max_prompt_len`, and conversations with
-    a user turn among `excluded` (normalized texts of evaluation prompts: never train on them)."""
+    was skipped: malformed records, the last `exclude_last` well-formed records (held out for
+    evaluation), conversations with a user turn among `excluded` (normalized texts of evaluation
+    prompts: never train on them) and first prompts longer than `max_prompt_len`."""
     from . import sharegpt
 
     records = sharegpt.ShareGPTReader(path)
-    chosen, counts = [], {"records_read": 0, "skipped_malformed": 0, "skipped_too_long": 0,
-                          "skipped_evaluation_prompts": 0}
+    wellformed, counts = [], {"records_read": 0, "skipped_malformed": 0, "skipped_evaluation_records": 0,
+                              "skipped_evaluation_prompts": 0, "skipped_too_long": 0}
     for number, record in enumerate(records):
         counts["records_read"] += 1
         texts = sharegpt.user_turns(record)
         if texts is None:
             counts["skipped_malformed"] += 1
-        elif any(normalized(t) in excluded for t in texts):
+        else:
+            wellformed.append((number, texts))
+    counts["file_cut_at"] = records.cut_at
+    held = min(exclude_last, len(wellformed))
+    counts["skipped_evaluation_records"] = held
+    chosen = []
+    for number, texts in wellformed[:len(wellformed) - held]:
+        if any(normalized(t) in excluded for t in texts):
             counts["skipped_evaluation_prompts"] += 1
         elif len(chat_ids(tokenizer, [{"role": "user", "content": texts[0]}])) > max_prompt_len:
             counts["skipped_too_long"] += 1
         else:
             chosen.append((number, texts[:turns]))
-    counts["file_cut_at"] = records.cut_at
     random.Random(seed).shuffle(chosen)
     return [Conversation(i, number, texts) for i, (number, texts) in enumerate(chosen)], counts
 
