@@ -8,6 +8,8 @@ setup(
     description="Beagle (cross-attention speculative decoding) drafts for vLLM: plugin, kernels, trainer",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["vllm_beagle", "vllm_beagle.*", "kernels", "kernels.*"]),
     # The shipped drafts for SmolLM2-135M-Instruct (a few MB each).
