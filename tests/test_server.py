@@ -1,6 +1,6 @@
-"""`beagle serve` on 127.0.0.1: the OpenAI endpoints answer (streaming and not) with the target's
-greedy output, bad requests get vLLM's own 4xx, a mixed load changes no greedy answer, /metrics carries
-consistent spec-decode counters, and the server stops cleanly."""
+"""`beagle serve` on 127.0.0.1: the OpenAI endpoints answer (streaming and not, and through the `openai`
+client) with the target's greedy output, bad requests get vLLM's own 4xx, a mixed load changes no greedy
+answer, /metrics carries consistent spec-decode counters, and the server stops cleanly."""
 
 import json
 import os
@@ -51,6 +51,7 @@ def plain(toy, tmp_path_factory):
     one starts: two engines never share the two cores."""
     with start_server(toy, str(tmp_path_factory.mktemp("plain-server") / "server.log")) as server:
         yield {"bad": {name: answer(server.url, request) for name, request in BAD_REQUESTS.items()},
+               "openai": openai_answers(server.url),
                "load": [run_load(server.url, LOAD, LOAD_CONCURRENCY, reverse=reverse) for reverse in (False, True)]}
 
 
@@ -81,6 +82,31 @@ def stream(url, path, body, pick):
             if chunk["choices"]:
                 text += pick(chunk["choices"][0]) or ""
     pytest.fail("stream ended without [DONE]")
+
+
+def openai_answers(url):
+    """What the `openai` package (the client most users have) gets back for greedy requests of every kind:
+    chat and completions, streamed and not, n = 2, a stop string, and max_tokens that ends mid-draft."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the river."}], "max_tokens": 24,
+            "temperature": 0}
+    completion = {"model": MODEL, "prompt": "The garden in winter", "max_tokens": 24, "temperature": 0}
+    out = {"chat": client.chat.completions.create(**chat).choices[0].message.content,
+           "chat streamed": "".join(c.choices[0].delta.content or "" for c in
+                                    client.chat.completions.create(**chat, stream=True) if c.choices),
+           "completion": client.completions.create(**completion).choices[0].text,
+           "completion streamed": "".join(c.choices[0].text for c in
+                                          client.completions.create(**completion, stream=True) if c.choices),
+           "n 2": [c.text for c in client.completions.create(**completion, n=2).choices]}
+    words = out["completion"].split()
+    out["stop word"] = words[len(words) // 2]
+    stopped = client.completions.create(**completion, stop=[out["stop word"]]).choices[0]
+    out["stopped"] = (stopped.text, stopped.finish_reason)
+    short = client.completions.create(**{**completion, "max_tokens": 5})
+    out["max_tokens 5"] = (short.choices[0].text, short.choices[0].finish_reason, short.usage.completion_tokens)
+    return out
 
 
 def answer(url, request):
@@ -120,6 +146,16 @@ def test_chat_completions_stream_and_not(server):
     text = post(url, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
     assert text
     assert stream(url, "/v1/chat/completions", body, lambda c: c["delta"].get("content")) == text
+
+
+def test_the_openai_client_gets_the_answers_of_a_server_without_a_draft(server, plain):
+    expected, got = plain["openai"], openai_answers(server.url)
+    assert got == expected
+    assert got["chat"] and got["chat streamed"] == got["chat"] and got["completion streamed"] == got["completion"]
+    assert got["n 2"] == [got["completion"]] * 2
+    text, reason = got["stopped"]
+    assert reason == "stop" and got["completion"].startswith(text) and got["stop word"] not in text
+    assert got["max_tokens 5"][1:] == ("length", 5)
 
 
 def test_metrics_show_drafts_accepted(server):
