@@ -4,7 +4,7 @@ Everything but the attention itself lives here; each caller supplies attention o
 store: masked SDPA in the reference and the trainer (or FlexAttention, the trainer's block-sparse
 option), vLLM's paged `Attention` in vLLM.
 
-The one convention (DESIGN.md section 1), in vLLM's row layout: row `p` carries the state `h_p`
+The one convention (DESIGN.md section 1.1), in vLLM's row layout: row `p` carries the state `h_p`
 (the target's, or the draft's own prediction) and the token `t_{p+1}`.
   - keys/values of row `p` come from `h_p`, RoPE at position `p`;
   - the query of row `p` comes from `e(t_{p+1})`, RoPE at position `p + 1` (its token's position);
