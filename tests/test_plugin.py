@@ -23,7 +23,7 @@ def test_register_is_idempotent():
     archs = ModelRegistry.get_supported_archs()
     for arch in ARCH_BY_STATE.values():
         assert arch in archs
-    assert len([a for a in archs if "Beagle" in a]) == len(ARCH_BY_STATE)
+    assert len([a for a in archs if "Beagle" in a]) == len(set(ARCH_BY_STATE.values()))
 
 
 def test_cpu_expand_kernel_fix_is_what_the_platform_registers():

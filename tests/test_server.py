@@ -85,8 +85,9 @@ def stream(url, path, body, pick):
 
 
 def openai_answers(url):
-    """What the `openai` package (the client most users have) gets back for greedy requests of every kind:
-    chat and completions, streamed and not, n = 2, a stop string, and max_tokens that ends mid-draft."""
+    """What the `openai` package (the client most users have) gets back for requests of every kind: chat
+    and completions, streamed and not, a stop string and max_tokens that ends mid-draft (greedy, so the
+    texts must be equal), and n = 2 (vLLM samples for n > 1, so only the shape of that answer)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
@@ -98,8 +99,10 @@ def openai_answers(url):
                                     client.chat.completions.create(**chat, stream=True) if c.choices),
            "completion": client.completions.create(**completion).choices[0].text,
            "completion streamed": "".join(c.choices[0].text for c in
-                                          client.completions.create(**completion, stream=True) if c.choices),
-           "n 2": [c.text for c in client.completions.create(**completion, n=2).choices]}
+                                          client.completions.create(**completion, stream=True) if c.choices)}
+    two = client.completions.create(**{**completion, "max_tokens": 8, "temperature": 1.0}, n=2,
+                                    extra_body={"ignore_eos": True})
+    out["n 2"] = ([c.finish_reason for c in two.choices], two.usage.completion_tokens)
     words = out["completion"].split()
     out["stop word"] = words[len(words) // 2]
     stopped = client.completions.create(**completion, stop=[out["stop word"]]).choices[0]
@@ -152,7 +155,7 @@ def test_the_openai_client_gets_the_answers_of_a_server_without_a_draft(server, 
     expected, got = plain["openai"], openai_answers(server.url)
     assert got == expected
     assert got["chat"] and got["chat streamed"] == got["chat"] and got["completion streamed"] == got["completion"]
-    assert got["n 2"] == [got["completion"]] * 2
+    assert got["n 2"] == (["length", "length"], 16)
     text, reason = got["stopped"]
     assert reason == "stop" and got["completion"].startswith(text) and got["stop word"] not in text
     assert got["max_tokens 5"][1:] == ("length", 5)
