@@ -31,7 +31,11 @@ def train_on_shards(toy, shards, out, *options):
 @pytest.mark.parametrize("args, words", [
     ((), ["serve", "demo"]),
     (("serve",), ["--draft", "--num-speculative-tokens", "go to vLLM"]),
-    (("demo",), ["--max-tokens", "side by side"]),
+    (("demo",), ["--max-tokens", "side by side", "--eager"]),
+    (("train",), ["--window", "--regression-weight", "(0: the token-only objective)", "--data-fraction", "--state",
+                  "--tf32"]),
+    (("data",), ["--responses", "fused:A,B,C", "--no-generate", "--dtype", "--shard-size"]),
+    (("eval",), ["--eager", "sharegpt-heldout", "--json"]),
 ])
 def test_help_explains_each_command(args, words):
     result = beagle(*args, "--help")
@@ -153,6 +157,13 @@ def test_data_refuses_an_impossible_turn_count_before_making_its_folder(toy, tmp
     result = beagle("data", toy["target_dir"], "--out", str(out), "--turns", "0")
     assert result.returncode != 0 and "beagle data: --turns must be at least 1, got 0" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_train_refuses_to_write_over_a_model_that_is_not_a_draft(toy, shards):
+    before = sorted(os.listdir(toy["target_dir"]))
+    result = train_on_shards(toy, shards, toy["target_dir"], *ONE_EPOCH)
+    assert result.returncode != 0 and "holds a model that is not a draft" in result.stderr, result.stderr[-2000:]
+    assert sorted(os.listdir(toy["target_dir"])) == before
 
 
 def test_train_refuses_a_folder_without_shards(toy, tmp_path):

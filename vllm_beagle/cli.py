@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
 import sys
 
 from .local_server import SERVER_MODULE
-from .outputs import OutputError, exclusive, prepare_output_dir
+from .outputs import OutputError, prepare_output_dir
 from .schema import CheckpointError
 
 
@@ -167,91 +167,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
+    from .train.loop import TrainStateError
+    from .train.run import TrainJob, run
+    from .train.shards import ShardError
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .train.draft_vocab import default_size
-    from .train.loop import TrainStateError, last_evaluation, run_identity, train, training_stats, uses_flex
-    from .train.new_draft import check_options, new_draft
-    from .train.shards import ShardError, ShardSet
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    job = TrainJob(args.data, args.target, args.out, args.arch, args.kv_mode, args.draft_vocab, args.state,
+                   args.data_fraction, args.heldout, args.work_dir, args.device, args.tf32, args.export_dtype,
+                   " ".join(["beagle", *sys.argv[1:]]))
     try:
-        check_options(args.arch, args.kv_mode, args.draft_vocab or 0)
-        train_cfg = train_config(args)
-        uses_flex(train_cfg.attention, device)
-        if not 0 < args.data_fraction <= 1:
-            raise ValueError(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
-        if args.tf32:
-            if torch.device(device).type != "cuda":
-                raise ValueError("--tf32 needs a CUDA device")
-            torch.set_float32_matmul_precision("high")
-    except ValueError as e:
+        if run(job, train_config(args)):
+            print(f"beagle train: wrote {args.out}")
+    except (ValueError, ShardError, TrainStateError, OutputError) as e:
         raise SystemExit(f"beagle train: {e}") from None
-    heldout_dir = args.heldout
-    beside = os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
-    if heldout_dir is None and os.path.isdir(beside):
-        heldout_dir = beside
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    vocab_size = target.config.vocab_size
-    draft_vocab = default_size(args.arch, vocab_size) if args.draft_vocab is None else args.draft_vocab
-    try:
-        # EAGLE-1 reads the final state, which shards of every kind carry.
-        state = args.state or ("final_norm" if args.arch == "eagle" else None)
-        data = ShardSet(args.data, vocab_size, state)
-        data.keep_first(max(1, round(len(data) * args.data_fraction)))
-        heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
-        draft, facts = new_draft(target, data, args.arch, args.kv_mode, draft_vocab, args.seed)
-    except (ShardError, ValueError) as e:
-        raise SystemExit(f"beagle train: {e}") from None
-    if draft_vocab:
-        print(f"beagle train: draft vocabulary of {draft_vocab} tokens covers "
-              f"{facts['draft_vocab_coverage']:.1%} of the training targets")
-    work_dir = args.work_dir or args.out.rstrip("/") + ".train"
-    # The training state (weights and two Adam moments, written beside the previous one) and the checkpoint.
-    state_bytes = sum(p.numel() for p in draft.block.parameters()) * 4 * 3
-    try:
-        prepare_output_dir(work_dir, 2 * state_bytes, "the training state")
-        prepare_output_dir(os.path.dirname(os.path.abspath(args.out)), state_bytes, "the checkpoint")
-    except OutputError as e:
-        raise SystemExit(f"beagle train: {e}") from None
-    from .train.responses import fingerprint
-
-    identity = run_identity(train_cfg, data, target=fingerprint(args.target), arch=args.arch, state=data.state,
-                            kv_mode=args.kv_mode, draft_vocab=draft_vocab)
-    try:
-        # One lock per run: under torchrun every rank trains, and rank 0 holds the folder.
-        rank = int(os.environ.get("RANK", "0"))
-        with exclusive(work_dir, "the training folder") if rank == 0 else contextlib.nullcontext():
-            train(draft, data, work_dir, train_cfg, heldout=heldout, device=device, identity=identity)
-    except (TrainStateError, OutputError) as e:
-        raise SystemExit(f"beagle train: {e}") from None
-    if rank != 0:
-        return 0  # rank 0 writes the checkpoint
-    evaluation = last_evaluation(work_dir)
-    # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.
-    unused = {"loss"} | ({"window", "sim_steps", "attention"} if args.arch == "eagle" else set())
-    draft.cfg.training = {"arch": args.arch, "data": os.path.abspath(args.data), "sequences": len(data),
-                          "data_fraction": args.data_fraction,
-                          **{k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in unused},
-                          **dataclasses.asdict(train_cfg.loss), **facts,
-                          **({"heldout": evaluation} if evaluation else {}),
-                          "stats": _rounded(training_stats(work_dir)),
-                          "tf32": args.tf32, "command": " ".join(["beagle", *sys.argv[1:]])}
-    draft.to("cpu").to(getattr(torch, args.export_dtype)).save(args.out)
-    print(f"beagle train: wrote {args.out}")
     return 0
 
 
-def _rounded(stats: dict) -> dict:
-    """Per-stage training figures for the checkpoint's record, with tokens/s."""
-    return {stage: {"steps": s["steps"], "seconds": round(s["seconds"], 1), "tokens": s["tokens"],
-                    "tokens_per_s": round(s["tokens"] / max(s["seconds"], 1e-9), 1),
-                    "peak_memory_gib": round(s["peak_memory_gib"], 2)} for stage, s in stats.items()}
+def _config_options(cls):
+    """The fields of a config dataclass that carry a help text: `beagle train`'s options."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
 def train_config(args: argparse.Namespace):
@@ -259,32 +192,8 @@ def train_config(args: argparse.Namespace):
     from .train.loop import TrainConfig
     from .train.objective import LossConfig
 
-    return TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS},
-                       loss=LossConfig(**{name: getattr(args, name) for name in LOSS_OPTIONS}))
-
-
-# TrainConfig fields that `beagle train` exposes; their defaults are TrainConfig's.
-TRAIN_OPTIONS = {
-    "window": "block window k",
-    "sim_steps": "stage-2 simulation steps s <= k",
-    "stage1_epochs": "epochs of stage 1",
-    "stage2_epochs": "epochs of stage 2",
-    "batch_size": "sequences per step",
-    "max_len": "positions per sequence",
-    "lr": "peak learning rate, AdamW",
-    "warmup_steps": "linear warm-up steps",
-    "seed": "seed of initialisation, order, offsets and noise",
-    "save_every": "steps between saved training states",
-    "eval_k": "draft length K of the held-out acceptance measured after every epoch",
-    "eval_sequences": "held-out sequences that measurement reads (and as many training sequences)",
-    "attention": "attention over Beagle's block masks: dense (SDPA with the full mask) or flex (FlexAttention, "
-                 "skips fully hidden tiles; CUDA only; slower but lighter on an H100 in fp32)",
-}
-# LossConfig fields, likewise.
-LOSS_OPTIONS = {
-    "regression_weight": "weight of the smooth-L1 state regression next to the soft cross-entropy",
-    "noise_std": "std of the Gaussian noise on the true states the draft reads",
-}
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in _config_options(TrainConfig)},
+                       loss=LossConfig(**{f.name: getattr(args, f.name) for f in _config_options(LossConfig)}))
 
 
 def add_num_speculative_tokens(parser: argparse.ArgumentParser) -> None:
@@ -438,13 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out shards for the acceptance measured after every epoch "
                          "(default: a heldout folder beside DATA, if there is one)")
     from .train.loop import TrainConfig
+    from .train.objective import LossConfig
 
-    defaults = TrainConfig()
-    for source, options in ((defaults, TRAIN_OPTIONS), (defaults.loss, LOSS_OPTIONS)):
-        for name, help_text in options.items():
-            value = getattr(source, name)
-            tr.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
-                            help=f"{help_text} (default {value})")
+    for field in _config_options(TrainConfig) + _config_options(LossConfig):
+        tr.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
+                        help=f"{field.metadata['help']} (default {field.default})")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); under torchrun "
                                                   "each process takes the GPU of its LOCAL_RANK")
     tr.add_argument("--tf32", action="store_true",

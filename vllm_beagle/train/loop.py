@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..outputs import atomic_path
 from ..reference import Draft
 from .evaluate import offline_acceptance
-from .objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss
+from .objective import LossConfig, option, stage1_loss, stage2_losses, teacher_forced_loss
 from .shards import ShardSet
 
 STATE_FILE = "train_state.pt"
@@ -28,21 +28,23 @@ EVAL_FILE = "eval.jsonl"
 
 @dataclasses.dataclass
 class TrainConfig:
-    window: int = 5
-    sim_steps: int = 4
-    stage1_epochs: int = 10
-    stage2_epochs: int = 10
-    batch_size: int = 8
-    max_len: int = 2048
-    lr: float = 3e-5
-    warmup_steps: int = 2000
+    window: int = option(5, "block window k")
+    sim_steps: int = option(4, "stage-2 simulation steps s <= k")
+    stage1_epochs: int = option(10, "epochs of stage 1")
+    stage2_epochs: int = option(10, "epochs of stage 2")
+    batch_size: int = option(8, "sequences per step")
+    max_len: int = option(2048, "positions per sequence")
+    lr: float = option(3e-5, "peak learning rate, AdamW")
+    warmup_steps: int = option(2000, "linear warm-up steps")
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 0.5
-    seed: int = 0
-    save_every: int = 200
-    eval_k: int = 3
-    eval_sequences: int = 16
-    attention: str = "dense"
+    seed: int = option(0, "seed of initialisation, order, offsets and noise")
+    save_every: int = option(200, "steps between saved training states")
+    eval_k: int = option(3, "draft length K of the held-out acceptance measured after every epoch")
+    eval_sequences: int = option(16, "held-out sequences that measurement reads (and as many training sequences)")
+    attention: str = option("dense", "attention over Beagle's block masks: dense (SDPA with the full mask) or "
+                                     "flex (FlexAttention, skips fully hidden tiles; CUDA only; slower but lighter "
+                                     "on an H100 in fp32)")
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
     def __post_init__(self):

@@ -25,10 +25,16 @@ from .masks import block_mask, exact_rows, stage1, stage2
 from .shards import TrainBatch
 
 
+def option(default, help: str):
+    """A config field that `beagle train` offers as --name, with this help (the CLI reads both from here)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class LossConfig:
-    regression_weight: float = 10.0
-    noise_std: float = 0.2
+    regression_weight: float = option(10.0, "weight of the smooth-L1 state regression next to the soft "
+                                            "cross-entropy (0: the token-only objective)")
+    noise_std: float = option(0.2, "std of the Gaussian noise on the true states the draft reads")
 
 
 def _noisy_keys(draft: Draft, batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
