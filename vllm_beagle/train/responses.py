@@ -200,7 +200,9 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
     """Answer every conversation the store lacks, greedily, with vLLM.
 
     Requests flow continuously: when a turn's answer is done the conversation's next turn joins the
-    batch at once, so the engine always has `max_num_seqs` sequences to decode. Finished conversations
+    batch at once, so the engine always has `max_num_seqs` sequences to decode. Earlier conversations
+    go first (vLLM's priority scheduling, by index), so that the finished ones stay close to a prefix of
+    the order, which is what shards of consecutive conversations wait for. Finished conversations
     are written `chunk_size` at a time, or after `chunk_seconds` at most, so that an interruption loses
     little more than the conversations still being answered.
     """
@@ -214,7 +216,7 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
     from ..offline import make_llm, shutdown
 
     llm = make_llm(target_dir, dtype=dtype, enforce_eager=eager, max_model_len=max_prompt_len + max_new_tokens,
-                   max_num_seqs=max_num_seqs, disable_log_stats=True)
+                   max_num_seqs=max_num_seqs, disable_log_stats=True, scheduling_policy="priority")
     engine = llm.llm_engine
     # Ids only, once per answer: detokenizing every step and reporting unfinished requests costs CPU that
     # the model needs (the engine runs in this process).
@@ -237,7 +239,7 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
         if len(prompt) > max_prompt_len:
             return False
         request = f"{conversation.index}:{turn}"
-        engine.add_request(request, TokensPrompt(prompt_token_ids=prompt), params)
+        engine.add_request(request, TokensPrompt(prompt_token_ids=prompt), params, priority=conversation.index)
         active[request] = (conversation, messages, dialogue)
         return True
 
