@@ -159,9 +159,11 @@ def test_stage1_is_true_states_chain_drafting(toy, k, name):
     torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], chain, rtol=1e-5, atol=1e-5)
 
 
-def test_losses_train_and_weight_the_steps(toy):
-    """Both stages give finite losses with gradients on the block only; step i carries weight window - i + 1."""
-    draft = toy["draft"]
+@pytest.mark.parametrize("name", ["draft", "draft_fused"])
+def test_losses_train_and_weight_the_steps(toy, name):
+    """Both stages give finite losses with gradients on the block only, every stage-2 step backpropagated
+    on its own (the fused draft's fc included); step i carries weight window - i + 1."""
+    draft = toy[name]
     batch, _, _ = inference_case(toy, draft, 5)
     gen = torch.Generator().manual_seed(0)
     with torch.enable_grad():

@@ -37,13 +37,13 @@ class LossConfig:
     noise_std: float = option(0.2, "std of the Gaussian noise on the true states the draft reads")
 
 
-def _noisy_keys(draft: Draft, batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """The true states of rows 0..R-1 with noise, as the draft reads them (through its `combine`)."""
-    keys = batch.states[:, :batch.num_rows].float()
+def _noisy_states(batch: TrainBatch, cfg: LossConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The target's states of rows 0..R-1 with noise, before the draft's `combine`."""
+    states = batch.states[:, :batch.num_rows].float()
     if cfg.noise_std:
         # Drawn on the CPU from a seeded generator: the same noise on any device.
-        keys = keys + (torch.randn(keys.shape, generator=generator) * cfg.noise_std).to(keys.device)
-    return draft.combine(keys.to(batch.states.dtype))
+        states = states + (torch.randn(states.shape, generator=generator) * cfg.noise_std).to(states.device)
+    return states.to(batch.states.dtype)
 
 
 def _loss(draft: Draft, predicted: torch.Tensor, batch: TrainBatch, cfg: LossConfig, selected: torch.Tensor,
@@ -74,7 +74,7 @@ def teacher_forced_loss(draft: Draft, batch: TrainBatch, cfg: LossConfig,
                         generator: torch.Generator | None = None) -> torch.Tensor:
     """EAGLE-1's objective: every row reads its true (noisy) state and attends causally to the rows before."""
     rows = torch.arange(batch.num_rows, device=batch.tokens.device)
-    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(draft, batch, cfg, generator))
+    predicted = draft(batch.tokens[:, 1:], rows, draft.combine(_noisy_states(batch, cfg, generator)))
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
@@ -88,7 +88,8 @@ def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: i
     rows = torch.arange(num_rows, device=device)
     visible = (block_mask(num_rows, window, offset, 0, device) if flex
                else stage1(num_rows, window, offset, device).dense())
-    predicted = draft(batch.tokens[:, 1:], rows, _noisy_keys(draft, batch, cfg, generator), rows, visible=visible)
+    predicted = draft(batch.tokens[:, 1:], rows, draft.combine(_noisy_states(batch, cfg, generator)), rows,
+                      visible=visible)
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
 
 
@@ -107,10 +108,15 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
         raise ValueError(f"simulation steps must be between 1 and the window ({window}), got {steps}")
     num_rows, device = batch.num_rows, batch.tokens.device
     rows = torch.arange(num_rows, device=device)
-    true_keys = _noisy_keys(draft, batch, cfg, generator)
-    keys = torch.cat([true_keys, torch.zeros_like(true_keys)], dim=1)
+    noisy = _noisy_states(batch, cfg, generator)
+    slots = None  # the predicted states written so far, detached
     key_positions = torch.cat([rows, rows])
     for step in range(1, steps + 1):
+        # The draft's combine (the fused kind's fc) runs again in every step, so that each step's graph is
+        # its own and is freed by its backward.
+        true_keys = draft.combine(noisy)
+        slots = torch.zeros_like(true_keys).detach() if slots is None else slots
+        keys = torch.cat([true_keys, slots], dim=1)
         exact = exact_rows(num_rows, window, offset, step, device)
         # A step without exact rows (a batch shorter than the step) has no query for FlexAttention to tile.
         visible = (block_mask(num_rows, window, offset, step, device) if flex and len(exact)
@@ -122,5 +128,5 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
         yield loss, predicted
         # Row p's output is the state at position p + 1: its slot, which the next step may read.
         writers = exact[exact + 1 < num_rows]
-        keys = keys.clone()
-        keys[:, num_rows + writers + 1] = predicted[:, writers].to(keys.dtype)
+        slots = slots.clone()
+        slots[:, writers + 1] = predicted[:, writers].to(slots.dtype)
