@@ -95,18 +95,19 @@ def fingerprint(model_dir: str) -> str:
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))) + [os.path.join(model_dir, "config.json")]
     for file in files:
         digest.update(os.path.basename(file).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+        _hash_file(digest, file)
     return digest.hexdigest()
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
+    return _hash_file(hashlib.sha256(), path).hexdigest()
+
+
+def _hash_file(digest, path: str):
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
 
 
 class StoreError(ValueError):
