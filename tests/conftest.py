@@ -56,14 +56,16 @@ def toy(tmp_path_factory):
         "root": root,
         "target_dir": target_dir,
         "target": target,
-        "draft": build_draft(target, str(root / "beagle-draft")),
+        # These two name the toy target as their verifier, as `beagle train` records one: vLLM serves them alone.
+        "draft": build_draft(target, str(root / "beagle-draft"), verifier=target_dir),
         "draft_dir": str(root / "beagle-draft"),
         "draft3": build_draft(target, str(root / "beagle3-draft"), state=f"layer:{layers}"),
         "draft3_dir": str(root / "beagle3-draft"),
         "draft_ts": build_draft(target, str(root / "beagle-true-states"), kv_mode="true_states"),
         "draft_ts_dir": str(root / "beagle-true-states"),
         # Every state the toy target has: the embedding output, and the residuals after its two layers.
-        "draft_fused": build_draft(target, str(root / "beagle3-fused"), state=f"fused:0,1,{layers}"),
+        "draft_fused": build_draft(target, str(root / "beagle3-fused"), state=f"fused:0,1,{layers}",
+                                   verifier=target_dir),
         "draft_fused_dir": str(root / "beagle3-fused"),
         "draft_fused_ts": build_draft(target, str(root / "beagle3-fused-ts"), state=f"fused:0,1,{layers}",
                                       kv_mode="true_states"),

@@ -76,7 +76,34 @@ def test_serve_listens_on_loopback_unless_told_and_hides_the_api_key(toy, capsys
 
 def test_serve_wants_the_target_before_any_option(toy):
     result = beagle("serve", "--port", "8000", toy["target_dir"], "--draft", toy["draft_dir"])
-    assert result.returncode == 2 and "TARGET comes first" in result.stderr
+    assert result.returncode == 2 and "TARGET (or DRAFT) comes first" in result.stderr
+
+
+def test_serve_takes_a_draft_alone_and_serves_the_target_it_names(toy):
+    argv = serve_command(toy["draft_dir"], None, 3, [])
+    assert argv[argv.index("--model") + 1] == toy["target_dir"]
+    assert json.loads(argv[argv.index("--speculative-config") + 1])["model"] == toy["draft_dir"]
+    # Clients ask for the target by its folder's name (no hub id is known for the toy), not by this path.
+    assert argv[argv.index("--served-model-name") + 1] == os.path.basename(toy["target_dir"])
+    assert argv.count("--served-model-name") == 1
+    given = serve_command(toy["draft_dir"], None, 3, ["--served-model-name", "tiny"])
+    assert given.count("--served-model-name") == 1 and given[given.index("--served-model-name") + 1] == "tiny"
+    with pytest.raises(SystemExit, match="names no target"):
+        serve_command(toy["draft3_dir"], None, 3, [])
+
+
+def test_serve_knows_the_shipped_drafts_by_name():
+    from vllm_beagle.drafts import draft_path
+    from vllm_beagle.smollm2 import smollm2_dir
+
+    smollm2_dir = smollm2_dir()
+    for name in ("beagle", "eagle-baseline"):
+        argv = serve_command(name, None, 3, [])
+        assert argv[argv.index("--model") + 1] == smollm2_dir
+        assert argv[argv.index("--served-model-name") + 1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        spec = json.loads(argv[argv.index("--speculative-config") + 1])
+        assert spec["model"] == draft_path(name)
+        assert serve_command(smollm2_dir, name, 3, [])[argv.index("--model") + 1] == smollm2_dir
 
 
 def test_serve_refuses_a_bad_draft_before_starting_vllm(toy, tmp_path):
@@ -94,13 +121,33 @@ def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tm
 
     out = str(tmp_path / "beagle-trained")
     result = train_on_shards(toy, shards, out, "--window", "3", "--sim-steps", "2", "--stage1-epochs", "1",
-                             "--stage2-epochs", "1", "--batch-size", "32", "--warmup-steps", "1", "--lr", "1e-3")
+                             "--stage2-epochs", "1", "--batch-size", "32", "--warmup-steps", "1", "--lr", "1e-3",
+                             "--verifier", "org/tiny-target")
     assert result.returncode == 0, result.stderr[-3000:]
     cfg, _ = load_checkpoint(out, toy["target"].config.to_dict())
     assert cfg.training["sequences"] == len(shards) and cfg.training["window"] == 3
+    # The data as the command named it and what it held (the shards' fingerprint), not a resolved path.
+    assert cfg.training["data"] == os.path.dirname(shards.files[0]) and len(cfg.training["data_fingerprint"]) == 64
+    # What vLLM reads to serve the folder alone (maybe_override_with_speculators).
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["speculators_model_type"] == cfg.method == "eagle"
+    assert config["speculators_config"]["verifier"]["name_or_path"] == cfg.verifier == "org/tiny-target"
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
     assert cfg.draft_vocab_size == DEFAULT_SIZE  # the default: the toy target has 32,000 tokens
     assert cfg.training["command"].startswith("beagle train --data")
     assert os.path.exists(out + ".train/train_state.pt")
+
+
+def test_the_hub_id_of_a_target_is_told_from_hugging_faces_cache_and_the_converted_smollm2(tmp_path):
+    from vllm_beagle.smollm2 import smollm2_dir
+    from vllm_beagle.verifier import SMOLLM2_HUB_ID, hub_name
+
+    cached = tmp_path / "hub" / "models--Org--Some-Model-7B" / "snapshots" / "0123abc"
+    cached.mkdir(parents=True)
+    assert hub_name(str(cached)) == "Org/Some-Model-7B"
+    assert hub_name(str(tmp_path)) is None
+    assert hub_name(smollm2_dir()) == SMOLLM2_HUB_ID
 
 
 def test_train_arch_eagle_writes_vllms_eagle_format_with_only_its_own_options(toy, shards, tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 from .local_server import SERVER_MODULE
 from .outputs import OutputError, prepare_output_dir
-from .schema import CheckpointError
+from .schema import CONFIG_FILE, CheckpointError
 
 
 
@@ -47,25 +47,58 @@ def _option_value(args: list[str], name: str) -> str | None:
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def serve_command(target: str, draft: str, num_speculative_tokens: int, vllm_args: list[str]) -> list[str]:
-    """The vLLM server command line for a target with a checked Beagle draft.
+def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vllm_args: list[str]) -> list[str]:
+    """The vLLM server command line for a target with a checked draft.
 
-    It listens on 127.0.0.1 unless --host or --uds says otherwise: vLLM's own default is every interface,
-    with no API key.
+    `model` is the target, drafted for by `draft` (a shipped name or a folder); or, with `draft` None, the
+    draft itself, served with the target its config names (its speculators_config verifier). It listens
+    on 127.0.0.1 unless --host or --uds says otherwise: vLLM's own default is every interface, with no
+    API key. Clients ask for the target by its hub id where known (else its folder's name), not by a
+    path of this machine.
     """
     from .checkpoint import load_checkpoint
+    from .drafts import draft_path, speculative_config
+    from .verifier import hub_name, local_target, verifier_of
 
     if any(map(_sets_speculation, vllm_args)):
         raise SystemExit("beagle serve: --draft and --num-speculative-tokens set the speculative config; "
                          "do not pass --speculative-config (-sc, or its dotted forms) or --spec-* as well")
-    cfg, _ = load_checkpoint(draft, _target_config(target), target)
-    spec = {"method": cfg.method, "model": os.path.abspath(draft), "num_speculative_tokens": num_speculative_tokens}
+    target, draft = (model, draft) if draft is not None else (None, model)
+    try:
+        draft = os.path.abspath(draft_path(draft))
+    except FileNotFoundError as e:
+        raise SystemExit(f"beagle serve: {e}") from None
+    try:
+        with open(os.path.join(draft, CONFIG_FILE), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict):
+        load_checkpoint(draft)  # the checkpoint's own error: what is missing or unreadable
+    if target is None:
+        try:
+            verifier = verifier_of(config)
+        except ValueError as e:
+            raise SystemExit(f"beagle serve: the draft {draft}: {e}") from None
+        if verifier is None:
+            raise SystemExit(f"beagle serve: the draft {draft} names no target (its config.json has no "
+                             "speculators_config); give the target first: beagle serve TARGET --draft DRAFT")
+        try:
+            target = local_target(verifier)
+        except FileNotFoundError as e:
+            raise SystemExit(f"beagle serve: {e}") from None
+    if "beagle" in config:  # not the EAGLE-1 baseline, which is in vLLM's own format
+        load_checkpoint(draft, _target_config(target), target)
+    spec = speculative_config(draft, num_speculative_tokens)
     host = _option_value(vllm_args, "--host")
     if host is None and _option_value(vllm_args, "--uds") is None:
         vllm_args = ["--host", "127.0.0.1", *vllm_args]
     elif host is not None and host not in LOOPBACK and _option_value(vllm_args, "--api-key") is None:
         print(f"beagle serve: warning: listening on {host or 'every interface'} without --api-key; anyone who "
               "can reach it can use the server", file=sys.stderr)
+    if _option_value(vllm_args, "--served-model-name") is None:
+        vllm_args = ["--served-model-name", hub_name(target) or os.path.basename(os.path.normpath(target)),
+                     *vllm_args]
     return [sys.executable, "-m", SERVER_MODULE, "--model", target, "--speculative-config", json.dumps(spec),
             *vllm_args]
 
@@ -87,7 +120,7 @@ def redacted(argv: list[str]) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.num_speculative_tokens < 1:
         raise SystemExit("beagle serve: --num-speculative-tokens must be at least 1")
-    argv = serve_command(args.target, args.draft, args.num_speculative_tokens, args.vllm_args)
+    argv = serve_command(args.model, args.draft, args.num_speculative_tokens, args.vllm_args)
     print("beagle: " + " ".join(redacted(argv[1:])), file=sys.stderr, flush=True)
     # Replace this process, so that signals and the exit status are the server's own.
     os.execv(argv[0], argv)
@@ -173,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     job = TrainJob(args.data, args.target, args.out, args.arch, args.kv_mode, args.draft_vocab, args.state,
                    args.data_fraction, args.heldout, args.work_dir, args.device, args.tf32, args.export_dtype,
-                   " ".join(["beagle", *sys.argv[1:]]))
+                   args.verifier, " ".join(["beagle", *sys.argv[1:]]))
     try:
         if run(job, train_config(args)):
             print(f"beagle train: wrote {args.out}")
@@ -217,14 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="start vLLM's OpenAI-compatible server for TARGET with a Beagle draft",
-        description="Start vLLM's OpenAI-compatible server for TARGET, drafting with the Beagle checkpoint "
-                    "CKPT. The checkpoint is checked against the target before vLLM starts. Arguments "
-                    "this command does not know (--host, --port, --dtype, --max-model-len, ...) go to vLLM.",
-        epilog="example: beagle serve ./SmolLM2-135M-Instruct --draft ./beagle-smollm2 --port 8000 --dtype float32",
+        help="start vLLM's OpenAI-compatible server for a target with a draft",
+        description="Start vLLM's OpenAI-compatible server for TARGET, drafting with DRAFT; or, given a draft "
+                    "alone, for the target its config.json names. A Beagle draft is checked against the target "
+                    "before vLLM starts. Arguments this command does not know (--port, --dtype, "
+                    "--max-model-len, ...) go to vLLM; it listens on 127.0.0.1 unless --host says otherwise.",
+        epilog="examples: beagle serve beagle --port 8000 --dtype float32  (the shipped draft and SmolLM2); "
+               "beagle serve ./my-target --draft ./beagle-mydraft -k 3",
     )
-    serve.add_argument("target", help="the target model: a local HF directory or a model id vLLM can load")
-    serve.add_argument("--draft", required=True, metavar="CKPT", help="Beagle checkpoint directory")
+    serve.add_argument("model", metavar="TARGET_OR_DRAFT",
+                       help="the target (a local HF directory or a model id vLLM can load) with --draft; without "
+                            "it, a draft (beagle, eagle-baseline or a checkpoint folder) whose config.json names "
+                            "its target")
+    serve.add_argument("--draft", default=None, metavar="DRAFT",
+                       help="the draft: beagle, eagle-baseline (the shipped drafts for SmolLM2) or a checkpoint "
+                            "folder")
     add_num_speculative_tokens(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -360,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--export-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                     help="dtype of the written checkpoint (default float32)")
     tr.add_argument("--work-dir", default=None, help="where the training state goes (default OUT.train)")
+    tr.add_argument("--verifier", default=None, metavar="NAME_OR_PATH",
+                    help="the target that `vllm serve OUT` serves the draft with, recorded in its config.json "
+                         "(speculators_config): a hub id, or the folder where the target lives wherever the draft "
+                         "is served. Default: the target's hub id where it can be told (the converted SmolLM2, a "
+                         "folder of Hugging Face's cache)")
     tr.set_defaults(func=cmd_train)
     return parser
 
@@ -369,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["serve"] and len(given) > 1 and given[1].startswith("-") and given[1] not in ("-h", "--help"):
         # Otherwise an option's value before the target would be taken for the target.
-        parser.error(f"beagle serve: TARGET comes first, before any option (got {given[1]!r} first)")
+        parser.error(f"beagle serve: TARGET (or DRAFT) comes first, before any option (got {given[1]!r} first)")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "serve":  # only serve passes arguments on (to vLLM)
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

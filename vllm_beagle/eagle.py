@@ -21,6 +21,7 @@ from .block import GatedMLP, RMSNorm, Rotary, masked_attention
 from .checkpoint import read_tensors, write_checkpoint
 from .reference import Draft
 from .schema import CONFIG_FILE, STATE_FINAL_NORM, BeagleConfig
+from .verifier import verifier_of
 
 
 class SelfAttention(nn.Module):
@@ -107,7 +108,7 @@ class EagleDraft(Draft):
     def from_checkpoint(cls, path: str, target: nn.Module) -> "EagleDraft":
         with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
             d = json.load(f)
-        cfg = BeagleConfig.from_target(d, training=d.get("training", {}))
+        cfg = BeagleConfig.from_target(d, verifier=verifier_of(d), training=d.get("training", {}))
         draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
         draft.block.load_state_dict(read_tensors(path))
         return draft.to(target.dtype)

@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .verifier import speculators_section, verifier_of
+
 SCHEMA_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -66,6 +68,9 @@ class BeagleConfig:
     # Drafts over the N most frequent tokens of the training data with their own LM head and map the
     # result back to the target's ids (tensor `draft_to_target`); None: the target's full vocabulary.
     draft_vocab_size: int | None = None
+    # The target vLLM serves the draft with when given the draft folder alone (verifier.py): a hub id or a
+    # folder; None: not recorded, and the target must be named wherever the draft is served.
+    verifier: str | None = None
     # Free-form facts the trainer records (data size, epochs, command); never read by the model.
     training: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -178,6 +183,8 @@ class BeagleConfig:
                                  "use_aux_hidden_state": True}
             d["target_hidden_size"] = self.hidden_size
             d["draft_vocab_size"] = self.vocab_size
+        if self.verifier is not None:
+            d.update(speculators_section(self.method, self.verifier))
         return d
 
     @classmethod
@@ -206,6 +213,7 @@ class BeagleConfig:
                 state_layers=beagle.get("state_layers"),
                 kv_mode=beagle.get("kv_mode", "concat"),
                 draft_vocab_size=beagle.get("draft_vocab_size"),
+                verifier=verifier_of(d),
                 training=beagle.get("training") or {},
             )
         except KeyError as e:

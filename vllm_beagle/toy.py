@@ -68,18 +68,19 @@ def _random_init(block: torch.nn.Module, gen: torch.Generator, attn_std: float, 
 
 def build_draft(target, out: str | None = None, seed: int = 0, state: str = STATE_FINAL_NORM,
                 kv_mode: str = "concat", attn_std: float = 0.3, out_std: float = 0.004,
-                mlp_std: float = 0.02, draft_vocab: torch.Tensor | None = None) -> ReferenceDraft:
+                mlp_std: float = 0.02, draft_vocab: torch.Tensor | None = None,
+                verifier: str | None = None) -> ReferenceDraft:
     """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
 
     `state` names the target state it reads (schema.state_name): final_norm (method eagle), layer:L or
-    fused:A,B,... (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. Saved to
-    `out` when given.
+    fused:A,B,... (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. `verifier`:
+    the target `vllm serve DRAFT` serves it with (verifier.py). Saved to `out` when given.
     """
     beagle = state_fields(state, target.config.num_hidden_layers)
     beagle["kv_mode"] = kv_mode
     if draft_vocab is not None:
         beagle["draft_vocab_size"] = len(draft_vocab)
-    cfg = BeagleConfig.from_target(target.config.to_dict(), **beagle)
+    cfg = BeagleConfig.from_target(target.config.to_dict(), verifier=verifier, **beagle)
     draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     _random_init(draft.block, torch.Generator().manual_seed(seed), attn_std, out_std, mlp_std)
     if draft.block.final_norm is not None:

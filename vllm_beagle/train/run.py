@@ -9,11 +9,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 
 import torch
 
 from ..outputs import exclusive, prepare_output_dir
 from ..schema import CONFIG_FILE
+from ..verifier import hub_name
 from .loop import TrainConfig, last_evaluation, run_identity, train, training_stats, uses_flex
 
 
@@ -32,6 +34,7 @@ class TrainJob:
     device: str | None = None  # None: cuda when available
     tf32: bool = False
     export_dtype: str = "float32"
+    verifier: str | None = None  # the target `vllm serve DRAFT` serves; None: its hub id where known
     command: str = ""  # recorded in the checkpoint
 
 
@@ -112,12 +115,18 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     evaluation = last_evaluation(work_dir)
     # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.
     unused = {"loss"} | ({"window", "sim_steps", "attention"} if job.arch == "eagle" else set())
-    draft.cfg.training = {"arch": job.arch, "data": os.path.abspath(job.data), "sequences": len(data),
-                          "data_fraction": job.data_fraction,
+    # What a reader can use: the data folder as given and what it holds, never this machine's paths.
+    draft.cfg.training = {"arch": job.arch, "data": job.data, "data_fingerprint": data.fingerprint(),
+                          "sequences": len(data), "data_fraction": job.data_fraction,
                           **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in unused},
                           **dataclasses.asdict(cfg.loss), **facts,
                           **({"heldout": evaluation} if evaluation else {}),
                           "stats": _rounded(training_stats(work_dir)), "tf32": job.tf32, "command": job.command}
+    draft.cfg.verifier = job.verifier or hub_name(job.target)
+    if draft.cfg.verifier is None:
+        print(f"beagle train: the hub id of {job.target} is not known, so the checkpoint names no target for "
+              "`vllm serve DRAFT`; pass --verifier NAME_OR_PATH to record one (serving with the target named "
+              "works either way)", file=sys.stderr)
     draft.to("cpu").to(getattr(torch, job.export_dtype)).save(job.out)
     return True
 
