@@ -36,8 +36,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
-from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
+from beagle_kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
+from beagle_kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
 
 from .block import BeagleBlock
 
