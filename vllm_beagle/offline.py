@@ -109,4 +109,6 @@ def generate(llm, prompts: list[list[int]], max_tokens: int, temperature: float 
 
 def shutdown(llm) -> None:
     """Stop the engine now rather than at interpreter exit, when vLLM's log streams may be closed."""
-    llm.llm_engine.engine_core.shutdown()
+    from .vllm_internals import engine_core
+
+    engine_core(llm).shutdown()
