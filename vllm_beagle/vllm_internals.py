@@ -5,8 +5,8 @@ may change them.
 Pinned: vLLM 0.32.x (setup.py). On an upgrade of vLLM this module is the one place to look at, with
 vllm_fixes.py, whose fixes replace pieces of the pinned vLLM (each names the piece and its upstream
 report) and go once the pinned vLLM carries them. What the plugin builds on as vLLM's extension points
-is imported where it is used: the model registry, what a vLLM model is built from (vllm_model.py) and the
-attention-backend interface (attention.py).
+is used where it is needed: the model registry, what a vLLM model is built from and what the EAGLE
+proposer reads on it (vllm_model.py), and the attention-backend interface (attention.py).
 """
 
 from __future__ import annotations
