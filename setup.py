@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     license_files=["LICENSE"],
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["vllm_beagle", "vllm_beagle.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["vllm_beagle", "vllm_beagle.*", "beagle_kernels", "beagle_kernels.*"]),
     # The shipped drafts for SmolLM2-135M-Instruct (a few MB each).
     package_data={"vllm_beagle.drafts": ["*/config.json", "*/model.safetensors"]},
     install_requires=[

@@ -23,20 +23,16 @@ import os
 import subprocess
 import sys
 
-# The repository root first: vLLM's spawned engine processes import the `kernels` package, which
-# benchmarks/kernels.py would shadow from this folder.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+from transformers import AutoModelForCausalLM
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from vllm_beagle.compare import chat_token_ids, run_engines, summarize  # noqa: E402
-from vllm_beagle.drafts import speculative_config  # noqa: E402
-from vllm_beagle.prompts import load_prompts  # noqa: E402
-from vllm_beagle.schema import CONFIG_FILE, state_name  # noqa: E402
-from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
-from vllm_beagle.train.evaluate import load_draft, offline_acceptance  # noqa: E402
-from vllm_beagle.train.shards import ShardSet  # noqa: E402
+from vllm_beagle.compare import chat_token_ids, run_engines, summarize
+from vllm_beagle.drafts import speculative_config
+from vllm_beagle.prompts import load_prompts
+from vllm_beagle.schema import CONFIG_FILE, state_name
+from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.train.evaluate import load_draft, offline_acceptance
+from vllm_beagle.train.shards import ShardSet
 
 # What each variant adds to the common `beagle train` options.
 VARIANTS = {

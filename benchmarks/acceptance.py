@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from vllm_beagle.compare import chat_token_ids, run_engines, summarize  # noqa: E402
-from vllm_beagle.drafts import speculative_config  # noqa: E402
-from vllm_beagle.prompts import load_prompts  # noqa: E402
-from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
+from vllm_beagle.compare import chat_token_ids, run_engines, summarize
+from vllm_beagle.drafts import speculative_config
+from vllm_beagle.prompts import load_prompts
+from vllm_beagle.smollm2 import smollm2_dir
 
 
 def main() -> int:

@@ -26,13 +26,11 @@ import sys
 import tempfile
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from vllm_beagle.cli import build_parser, train_config  # noqa: E402
-from vllm_beagle.compare import chat_token_ids, run_engines, summarize  # noqa: E402
-from vllm_beagle.drafts import draft_path, speculative_config  # noqa: E402
-from vllm_beagle.prompts import load_prompts  # noqa: E402
-from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
+from vllm_beagle.cli import build_parser, train_config
+from vllm_beagle.compare import chat_token_ids, run_engines, summarize
+from vllm_beagle.drafts import draft_path, speculative_config
+from vllm_beagle.prompts import load_prompts
+from vllm_beagle.smollm2 import smollm2_dir
 
 PER_RUN_OPTIONS = ("--data", "--target", "--out", "--draft-vocab")  # what this script sets for each size
 

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels`
-# package: import from the repository root instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
+import torch
 
 LAYOUTS = {"SmolLM2-135M": (9, 3, 64, 576), "Llama-3-8B": (32, 8, 128, 4096)}  # heads, kv heads, D, hidden
 PAGE = 16
@@ -79,7 +74,7 @@ def attention_case(batch, context, rows, heads, kv_heads, dim, dtype=torch.bfloa
 
 
 def attention_row(model, heads, kv_heads, dim, rows, batch, context, unified_attention, flash_attn_with_kvcache):
-    from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
+    from beagle_kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
 
     q, kc, vc, table, qsl, seq_lens = attention_case(batch, context, rows, heads, kv_heads, dim)
     out = torch.empty_like(q)
@@ -153,7 +148,7 @@ def bench_attention(quick: bool) -> list[dict]:
 
 
 def bench_write(quick: bool) -> list[dict]:
-    from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
+    from beagle_kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
 
     rows_out = []
     for model, (_, kv_heads, dim, hidden) in LAYOUTS.items():

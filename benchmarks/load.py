@@ -24,13 +24,11 @@ import sys
 import tempfile
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from vllm_beagle import load  # noqa: E402
-from vllm_beagle.drafts import draft_path  # noqa: E402
-from vllm_beagle.local_server import LocalServer, server_command  # noqa: E402
-from vllm_beagle.prompts import load_prompts  # noqa: E402
-from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
+from vllm_beagle import load
+from vllm_beagle.drafts import draft_path
+from vllm_beagle.local_server import LocalServer, server_command
+from vllm_beagle.prompts import load_prompts
+from vllm_beagle.smollm2 import smollm2_dir
 
 MODEL = "target"
 

@@ -17,16 +17,14 @@ import json
 import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
+from transformers import AutoModelForCausalLM
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from vllm_beagle.drafts import draft_path  # noqa: E402
-from vllm_beagle.schema import state_name  # noqa: E402
-from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
-from vllm_beagle.train.evaluate import load_draft, offline_acceptance  # noqa: E402
-from vllm_beagle.train.shards import ShardSet  # noqa: E402
+from vllm_beagle.drafts import draft_path
+from vllm_beagle.schema import state_name
+from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.train.evaluate import load_draft, offline_acceptance
+from vllm_beagle.train.shards import ShardSet
 
 
 def main() -> int:

@@ -21,13 +21,11 @@ import os
 import sys
 import tempfile
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from vllm_beagle.drafts import draft_path, speculative_config  # noqa: E402
-from vllm_beagle.load import spec_metrics  # noqa: E402
-from vllm_beagle.local_server import LocalServer, server_command  # noqa: E402
-from vllm_beagle.smollm2 import smollm2_dir  # noqa: E402
-from vllm_beagle.train.sharegpt import ShareGPTReader, default_path  # noqa: E402
+from vllm_beagle.drafts import draft_path, speculative_config
+from vllm_beagle.load import spec_metrics
+from vllm_beagle.local_server import LocalServer, server_command
+from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.train.sharegpt import ShareGPTReader, default_path
 
 
 def sharegpt_subset(count: int, path: str) -> str:

@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from vllm_beagle.eagle import EagleDraft  # noqa: E402
-from vllm_beagle.reference import ReferenceDraft  # noqa: E402
-from vllm_beagle.schema import BeagleConfig  # noqa: E402
-from vllm_beagle.train.objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss  # noqa: E402
-from vllm_beagle.train.shards import TrainBatch  # noqa: E402
+from vllm_beagle.eagle import EagleDraft
+from vllm_beagle.reference import ReferenceDraft
+from vllm_beagle.schema import BeagleConfig
+from vllm_beagle.train.objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss
+from vllm_beagle.train.shards import TrainBatch
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels.state_to_cache import write_states_to_cache_ref
+from beagle_kernels.state_to_cache import write_states_to_cache_ref
 from vllm_beagle.attention import BeagleAttentionImpl, BeagleAttentionMetadataBuilder, split_cache
 from vllm_beagle.block import BeagleBlock, masked_attention
 from vllm_beagle.schema import BeagleConfig

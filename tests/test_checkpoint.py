@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from vllm_beagle.checkpoint import load_checkpoint
 from vllm_beagle.reference import ReferenceDraft
-from vllm_beagle.schema import CheckpointError, rope_parameters_of
+from vllm_beagle.schema import BeagleConfig, CheckpointError, rope_parameters_of
 
 
 @pytest.fixture
@@ -90,6 +90,15 @@ def test_refuses_a_draft_that_does_not_match_the_target(ckpt, target_cfg, field,
     edit_config(ckpt, **{field: value})
     theirs = rope_parameters_of(target_cfg) if field == "rope_parameters" else target_cfg[field]
     refused(ckpt, target_cfg, f"field '{field}' is {value!r} in the draft but {theirs!r} in the target tiny-target")
+
+
+@pytest.mark.parametrize("heads", [0, -3])
+def test_a_head_count_that_is_not_positive_is_named_where_the_head_width_is_derived(ckpt, target_cfg, heads):
+    """Without head_dim the head width is hidden_size / num_attention_heads: 0 heads must not divide by zero."""
+    edit_config(ckpt, num_attention_heads=heads, head_dim=None)
+    refused(ckpt, target_cfg, f"field 'num_attention_heads' must be a positive integer, got {heads}")
+    with pytest.raises(ValueError, match=f"field 'num_attention_heads' must be a positive integer, got {heads}"):
+        BeagleConfig.from_target({**target_cfg, "num_attention_heads": heads, "head_dim": None})
 
 
 def test_refuses_a_state_layer_the_target_does_not_have(toy, tmp_path, target_cfg):

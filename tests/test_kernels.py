@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
-from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
-from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
+from beagle_kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
+from beagle_kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 # Largest allowed error per storage dtype: one rounding of the output plus fp32 accumulation order.

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.vllm
 MODEL = "tiny"
 MAX_MODEL_LEN = 512
 COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 8, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about dogs."}], "max_tokens": 24,
+        "temperature": 0}
 # name -> (path, JSON body or raw bytes)
 BAD_REQUESTS = {
     "empty prompt": ("/v1/completions", {**COMPLETION, "prompt": ""}),
@@ -46,11 +48,12 @@ def start_server(toy, log_path, draft=None):
 
 @pytest.fixture(scope="module")
 def plain(toy, tmp_path_factory):
-    """How vLLM without a draft answers the bad requests and two passes of the load (the second in
-    reverse order, for the spread that batching alone causes). Its server is stopped before the drafting
-    one starts: two engines never share the two cores."""
+    """How vLLM without a draft answers the bad requests, the chat request, the `openai` client's requests and
+    two passes of the load (the second in reverse order, for the spread that batching alone causes). Its
+    server is stopped before the drafting one starts: two engines never share the two cores."""
     with start_server(toy, str(tmp_path_factory.mktemp("plain-server") / "server.log")) as server:
         yield {"bad": {name: answer(server.url, request) for name, request in BAD_REQUESTS.items()},
+               "chat": post(server.url, "/v1/chat/completions", CHAT)["choices"][0]["message"]["content"],
                "openai": openai_answers(server.url),
                "load": [run_load(server.url, LOAD, LOAD_CONCURRENCY, reverse=reverse) for reverse in (False, True)]}
 
@@ -142,13 +145,11 @@ def test_completions_are_the_targets_greedy_output(server, engines):
     assert stream(url, "/v1/completions", body, lambda c: c["text"]) == text
 
 
-def test_chat_completions_stream_and_not(server):
+def test_chat_completions_are_the_targets_greedy_output(server, plain):
     url = server.url
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me about dogs."}], "max_tokens": 24,
-            "temperature": 0}
-    text = post(url, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
-    assert text
-    assert stream(url, "/v1/chat/completions", body, lambda c: c["delta"].get("content")) == text
+    text = post(url, "/v1/chat/completions", CHAT)["choices"][0]["message"]["content"]
+    assert text and text == plain["chat"]
+    assert stream(url, "/v1/chat/completions", CHAT, lambda c: c["delta"].get("content")) == text
 
 
 def test_the_openai_client_gets_the_answers_of_a_server_without_a_draft(server, plain):

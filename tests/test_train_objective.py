@@ -159,22 +159,43 @@ def test_stage1_is_true_states_chain_drafting(toy, k, name):
     torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], chain, rtol=1e-5, atol=1e-5)
 
 
+def defined_loss(draft, batch, predicted, rows, regression_weight):
+    """The loss of the predictions of `rows` as objective.py defines it, written out row by row: the mean over
+    the supervised rows of the soft cross-entropy against the target's next-token distribution plus
+    regression_weight x the smooth-L1 distance (mean over the width) to the true state."""
+    final = batch.final if batch.final is not None else batch.states
+    terms = []
+    for p in rows:
+        if not batch.loss_mask[0, p + 1]:
+            continue
+        target_probs = torch.softmax(final[0, p + 1] @ draft.lm_head_weight.T, dim=-1)
+        cross_entropy = -(target_probs * torch.log_softmax(draft.draft_logits(predicted[0, p]), dim=-1)).sum()
+        true_state = draft.combine(batch.states[0, p + 1])
+        regression = torch.nn.functional.smooth_l1_loss(predicted[0, p], true_state)
+        terms.append(cross_entropy + regression_weight * regression)
+    return torch.stack(terms).mean()
+
+
 @pytest.mark.parametrize("name", ["draft", "draft_fused"])
 def test_losses_train_and_weight_the_steps(toy, name):
     """Both stages give finite losses with gradients on the block only, every stage-2 step backpropagated
-    on its own (the fused draft's fc included); step i carries weight window - i + 1."""
+    on its own (the fused draft's fc included); step i's loss is window - i + 1 times its exact rows' loss."""
     draft = toy[name]
     batch, _, _ = inference_case(toy, draft, 5)
     gen = torch.Generator().manual_seed(0)
+    window, offset = 3, 1
     with torch.enable_grad():
-        loss = stage1_loss(draft, batch, 3, 1, LossConfig(), gen)
+        loss = stage1_loss(draft, batch, window, offset, LossConfig(), gen)
         loss.backward()
         assert torch.isfinite(loss) and draft.block.q_proj.weight.grad is not None
         assert not draft.embed_weight.requires_grad and not draft.lm_head_weight.requires_grad
         draft.block.zero_grad()
-        unweighted = []
-        for step, (loss, _) in enumerate(stage2_losses(draft, batch, 3, 1, 3, LossConfig(noise_std=0.0)), 1):
+        cfg = LossConfig(noise_std=0.0)
+        steps = stage2_losses(draft, batch, window, offset, window, cfg)
+        for step, (loss, predicted) in enumerate(steps, 1):
             loss.backward()
-            unweighted.append(float(loss.detach()) / (3 - step + 1))
-        assert all(u > 0 for u in unweighted)
+            exact = [p for p in range(batch.num_rows) if p - brute_start(p, window, offset) == step - 1]
+            with torch.no_grad():
+                expected = (window - step + 1) * defined_loss(draft, batch, predicted, exact, cfg.regression_weight)
+            torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     draft.block.zero_grad()

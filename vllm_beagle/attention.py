@@ -24,8 +24,6 @@ from typing import ClassVar
 import torch
 from torch.library import Library
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.attention.attention import get_attention_context
-from vllm.utils.torch_utils import LayerNameType, _encode_layer_name, _resolve_layer_name, direct_register_custom_op
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -36,10 +34,18 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
-from kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
+from beagle_kernels.paged_cross_attention import paged_cross_attention, paged_cross_attention_ref
+from beagle_kernels.state_to_cache import write_states_to_cache, write_states_to_cache_ref
 
 from .block import BeagleBlock
+from .vllm_internals import (
+    LayerNameType,
+    direct_register_custom_op,
+    encode_layer_name,
+    get_attention_context,
+    resolve_layer_name,
+    unified_attention_with_output,
+)
 
 
 def use_triton(device: torch.device) -> bool:
@@ -151,7 +157,7 @@ def write_states(states: torch.Tensor, norm_weight: torch.Tensor, eps: float, k_
                  layer_name: LayerNameType) -> torch.Tensor:
     """The draft layer's cache write, from the rows' states. Returns a dummy that the attention op takes,
     so that torch.compile keeps the write before the read, as vLLM's own cache update does."""
-    _, layer, kv_cache, slot_mapping = get_attention_context(_resolve_layer_name(layer_name))
+    _, layer, kv_cache, slot_mapping = get_attention_context(resolve_layer_name(layer_name))
     if slot_mapping is not None:
         n = slot_mapping.shape[0]  # rows past it are padding
         write = write_states_to_cache if use_triton(states.device) else write_states_to_cache_ref
@@ -177,13 +183,12 @@ class StateAttention(Attention):
     def forward(self, query: torch.Tensor, states: torch.Tensor, positions: torch.Tensor,
                 block: BeagleBlock) -> torch.Tensor:
         """query: [T, heads * head_size], rotated; states: [T, hidden]; positions: [T] -> [T, heads * head_size]."""
-        name = _encode_layer_name(self.layer_name)
+        name = encode_layer_name(self.layer_name)
         written = torch.ops.vllm_beagle.write_states(
             states, block.state_norm.weight, block.state_norm.eps, block.k_proj.weight, block.v_proj.weight,
             positions, block.rotary.inv_freq, block.rotary.scaling, name)
         output = torch.empty(query.shape[0], self.num_heads * self.head_size, dtype=query.dtype, device=query.device)
         query = query.view(-1, self.num_heads, self.head_size)
         # The op's schema wants K and V tensors; the Beagle backend reads them from the cache only.
-        torch.ops.vllm.unified_attention_with_output(query, query, query, output.view_as(query), name,
-                                                    kv_cache_dummy_dep=written)
+        unified_attention_with_output(query, query, query, output.view_as(query), name, kv_cache_dummy_dep=written)
         return output

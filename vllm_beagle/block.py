@@ -87,20 +87,44 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class BeagleBlock(nn.Module):
+class AttentionProjections(nn.Module):
+    """The q, k, v and o projections of one attention layer with the target's head layout (GQA), for the
+    Beagle block and the EAGLE-1 baseline's self-attention alike; `q_proj`, `k_proj`, `v_proj` and `o_proj`
+    are the tensor names of both checkpoint formats."""
+
+    def add_projections(self, cfg: BeagleConfig) -> None:
+        # Called by the subclass, not from __init__: the Beagle block registers its two norms before the
+        # projections, and the order of parameters is the order of a saved optimizer state.
+        H, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = nn.Linear(H, self.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * hd, H, bias=False)
+
+    def project_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., T, H] -> [..., T, heads, head_dim]."""
+        return self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def project_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., T, H] -> [..., T, kv_heads, head_dim]."""
+        return self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+
+    def project_values(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., T, H] -> [..., T, kv_heads, head_dim]."""
+        return self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+
+
+class BeagleBlock(AttentionProjections):
     """One cross-attention block with an MLP; parameter names are the checkpoint's tensor names."""
 
     def __init__(self, cfg: BeagleConfig):
         super().__init__()
         self.cfg = cfg
-        H, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        H = cfg.hidden_size
         self.query_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.state_norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(H, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * hd, H, bias=False)
+        self.add_projections(cfg)
         self.mlp_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.mlp = GatedMLP(H, cfg.intermediate_size)
         self.final_norm = None if cfg.state == STATE_FINAL_NORM else RMSNorm(H, cfg.rms_norm_eps)
@@ -119,15 +143,13 @@ class BeagleBlock(nn.Module):
 
     def queries(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """[..., T, H] token embeddings of the rows -> [..., T, heads, head_dim] rotated queries."""
-        q = self.q_proj(self.query_norm(embeds)).unflatten(-1, (self.num_heads, self.head_dim))
+        q = self.project_queries(self.query_norm(embeds))
         return self.rotary(q, positions + QUERY_POSITION_OFFSET)
 
     def keys_values(self, states: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[..., T, H] states of the rows -> rotated keys and values, [..., T, kv_heads, head_dim]."""
         x = self.state_norm(states)
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return self.rotary(k, positions), v
+        return self.rotary(self.project_keys(x), positions), self.project_values(x)
 
     def output(self, embeds: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual on the token embedding, then the MLP: the predicted state ĥ. attn: [..., T, heads*hd]."""

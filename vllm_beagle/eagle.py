@@ -17,22 +17,17 @@ import os
 import torch
 from torch import nn
 
-from .block import GatedMLP, RMSNorm, Rotary, masked_attention
+from .block import AttentionProjections, GatedMLP, RMSNorm, Rotary, masked_attention
 from .checkpoint import read_tensors, write_checkpoint
 from .reference import Draft
 from .schema import CONFIG_FILE, STATE_FINAL_NORM, BeagleConfig
 from .verifier import verifier_of
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(AttentionProjections):
     def __init__(self, cfg: BeagleConfig):
         super().__init__()
-        H, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = nn.Linear(H, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * hd, H, bias=False)
+        self.add_projections(cfg)
 
 
 class DecoderLayer(nn.Module):
@@ -58,11 +53,10 @@ class EagleBlock(nn.Module):
         layer = self.layers[0]
         attn = layer.self_attn
         x = self.fc(torch.cat([embeds, states.to(embeds.dtype)], dim=-1))
-        k = attn.k_proj(x).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
-        v = attn.v_proj(x).unflatten(-1, (attn.num_kv_heads, attn.head_dim))
+        k, v = attn.project_keys(x), attn.project_values(x)
         if last is not None:
             x, visible = x[..., -last:, :], visible[..., -last:, :]
-        q = attn.q_proj(x).unflatten(-1, (attn.num_heads, attn.head_dim))
+        q = attn.project_queries(x)
         q_positions = positions if last is None else positions[..., -last:]
         out = masked_attention(self.rotary(q, q_positions), self.rotary(k, positions), v, visible)
         y = x + attn.o_proj(out)

@@ -19,7 +19,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from .local_server import LocalServer
-from .offline import PER_POSITION, SPEC_COUNTERS, SpecCounters
+from .offline import PER_POSITION, SpecCounters
 
 # Share of each kind in the mix; the rest is greedy, half streamed.
 SAMPLED_SHARE = 0.15
@@ -154,19 +154,14 @@ def run_load(url: str, requests: list[LoadRequest], concurrency: int, reverse: b
 def spec_metrics(metrics_text: str) -> tuple[SpecCounters, dict[str, float]]:
     """The spec-decode counters and the request gauges (running, waiting) in a /metrics page."""
     counters, gauges = SpecCounters(), {}
-    per_position: dict[int, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             name = sample.name.removesuffix("_total")
-            if name in SPEC_COUNTERS:
-                field = SPEC_COUNTERS[name]
-                setattr(counters, field, getattr(counters, field) + int(sample.value))
-            elif name == PER_POSITION:
-                position = int(sample.labels["position"])
-                per_position[position] = per_position.get(position, 0) + sample.value
-            elif name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            if name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
                 gauges[name] = gauges.get(name, 0) + sample.value
-    counters.accepted_per_pos = [int(per_position[p]) for p in sorted(per_position)]
+            else:
+                position = int(sample.labels["position"]) if name == PER_POSITION else None
+                counters.add(name, sample.value, position)
     return counters, gauges
 
 

@@ -35,6 +35,16 @@ class SpecCounters:
     def per_position_rate(self) -> list[float]:
         return [a / self.num_drafts for a in self.accepted_per_pos] if self.num_drafts else []
 
+    def add(self, name: str, value: float, position: int | None = None) -> None:
+        """Count one sample of a vLLM metric: a spec-decode total, or the per-position counter's sample for
+        `position`; samples of any other metric change nothing. Samples add up because vLLM reports one per
+        engine (and label set)."""
+        if name in SPEC_COUNTERS:
+            field = SPEC_COUNTERS[name]
+            setattr(self, field, getattr(self, field) + int(value))
+        elif name == PER_POSITION:
+            self.accepted_per_pos = _per_position(self.accepted_per_pos, [0] * position + [int(value)], operator.add)
+
     def __sub__(self, before: "SpecCounters") -> "SpecCounters":
         return SpecCounters(
             self.num_drafts - before.num_drafts,
@@ -51,11 +61,12 @@ def spec_counters(llm) -> SpecCounters:
     """vLLM's cumulative spec-decode counters (zero when the engine drafts nothing)."""
     counters = SpecCounters()
     for metric in llm.get_metrics():
-        if metric.name in SPEC_COUNTERS:
-            field = SPEC_COUNTERS[metric.name]
-            setattr(counters, field, getattr(counters, field) + metric.value)
-        elif metric.name == PER_POSITION:
-            counters.accepted_per_pos = _per_position(counters.accepted_per_pos, metric.values, operator.add)
+        if metric.name == PER_POSITION:
+            # vLLM's reader hands this counter over as one list, indexed by position.
+            for position, value in enumerate(metric.values):
+                counters.add(metric.name, value, position)
+        elif metric.name in SPEC_COUNTERS:
+            counters.add(metric.name, metric.value)
     return counters
 
 
@@ -98,4 +109,6 @@ def generate(llm, prompts: list[list[int]], max_tokens: int, temperature: float 
 
 def shutdown(llm) -> None:
     """Stop the engine now rather than at interpreter exit, when vLLM's log streams may be closed."""
-    llm.llm_engine.engine_core.shutdown()
+    from .vllm_internals import engine_core
+
+    engine_core(llm).shutdown()

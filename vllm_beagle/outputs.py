@@ -1,5 +1,6 @@
-"""Writing results safely: checks on an output folder made before long work starts, and the one way
-every file of the project is written (whole or not at all, and durable once written).
+"""Writing results safely: checks on an output folder made before long work starts (room, locks, the
+manifest of what it already holds), and the one way every file of the project is written (whole or not
+at all, and durable once written).
 
 The checks make a run that cannot write its results fail in seconds with a clear message instead of
 after hours of generation or training.
@@ -102,3 +103,17 @@ def write_bytes(path: str, data: bytes) -> None:
 def write_json(path: str, obj, indent: int | None = 2) -> None:
     text = json.dumps(obj, indent=indent)
     write_bytes(path, (text + "\n").encode())
+
+
+def claim_manifest(path: str, manifest: dict, saved: dict | None) -> tuple[dict, dict]:
+    """Record what a folder holds, or say how it differs from what it already holds.
+
+    `saved` is the manifest read from `path`, None when there is none: then `manifest` is written there.
+    Returns the fields of `manifest` whose recorded values differ, as (recorded, present) values, both
+    empty when none does; the caller refuses a difference in its own words."""
+    if saved is None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_json(path, manifest)
+        return {}, {}
+    changed = sorted(k for k in manifest if saved.get(k) != manifest[k])
+    return {k: saved.get(k) for k in changed}, {k: manifest[k] for k in changed}

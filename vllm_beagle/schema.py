@@ -77,9 +77,7 @@ class BeagleConfig:
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "vocab_size", "max_position_embeddings"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"field {name!r} must be a positive integer, got {value!r}")
+            check_positive_integer(name, getattr(self, name))
         if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
                 or not self.rms_norm_eps > 0:
             raise ValueError(f"field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
@@ -137,14 +135,9 @@ class BeagleConfig:
     def from_target(cls, target: Mapping[str, Any], intermediate_size: int | None = None, **beagle) -> "BeagleConfig":
         """A draft config whose widths, heads, vocabulary and RoPE are the target's."""
         return cls(
-            hidden_size=target["hidden_size"],
+            **dims_of(target),
             intermediate_size=intermediate_size or target["intermediate_size"],
-            num_attention_heads=target["num_attention_heads"],
-            num_key_value_heads=target.get("num_key_value_heads") or target["num_attention_heads"],
-            head_dim=head_dim_of(target),
-            vocab_size=target["vocab_size"],
             rms_norm_eps=target.get("rms_norm_eps", 1e-6),
-            rope_parameters=rope_parameters_of(target),
             max_position_embeddings=target["max_position_embeddings"],
             **beagle,
         )
@@ -199,14 +192,9 @@ class BeagleConfig:
             )
         try:
             cfg = cls(
-                hidden_size=d["hidden_size"],
+                **dims_of(d),
                 intermediate_size=d["intermediate_size"],
-                num_attention_heads=d["num_attention_heads"],
-                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                head_dim=head_dim_of(d),
-                vocab_size=d["vocab_size"],
                 rms_norm_eps=d["rms_norm_eps"],
-                rope_parameters=rope_parameters_of(d),
                 max_position_embeddings=d["max_position_embeddings"],
                 state=beagle.get("state", STATE_FINAL_NORM),
                 state_layer=beagle.get("state_layer"),
@@ -299,8 +287,28 @@ def default_fused_layers(num_layers: int) -> list[int]:
     return [2, num_layers // 2, num_layers - 3]
 
 
-def head_dim_of(cfg: Mapping[str, Any]) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+def check_positive_integer(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"field {name!r} must be a positive integer, got {value!r}")
+
+
+def dims_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The widths, head layout, vocabulary and RoPE of a Llama-style config (a target's or a draft's): the
+    BeagleConfig fields a draft copies from its target and must match."""
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim")
+    if not head_dim:
+        # Checked here: the width below divides by it before BeagleConfig's own checks run.
+        check_positive_integer("num_attention_heads", heads)
+        head_dim = hidden // heads
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": cfg.get("num_key_value_heads") or heads,
+        "head_dim": head_dim,
+        "vocab_size": cfg["vocab_size"],
+        "rope_parameters": rope_parameters_of(cfg),
+    }
 
 
 def rope_parameters_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -321,27 +329,12 @@ def rope_parameters_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def check_against_target(cfg: BeagleConfig, target: Mapping[str, Any], checkpoint: str, target_name: str,
                          num_target_layers: int | None = None) -> None:
     """Refuse a draft whose width, head layout, vocabulary or RoPE differ from the target's."""
-    ours = {
-        "hidden_size": cfg.hidden_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "rope_parameters": cfg.rope_parameters,
-    }
-    theirs = {
-        "hidden_size": target["hidden_size"],
-        "num_attention_heads": target["num_attention_heads"],
-        "num_key_value_heads": target.get("num_key_value_heads") or target["num_attention_heads"],
-        "head_dim": head_dim_of(target),
-        "vocab_size": target["vocab_size"],
-        "rope_parameters": rope_parameters_of(target),
-    }
-    for field, value in ours.items():
-        if value != theirs[field]:
+    for field, theirs in dims_of(target).items():
+        value = getattr(cfg, field)
+        if value != theirs:
             raise CheckpointError(
                 checkpoint,
-                f"field '{field}' is {value!r} in the draft but {theirs[field]!r} in the target {target_name}",
+                f"field '{field}' is {value!r} in the draft but {theirs!r} in the target {target_name}",
             )
     layers = num_target_layers if num_target_layers is not None else target.get("num_hidden_layers")
     field = "state_layer" if cfg.state == STATE_LAYER else "state_layers"

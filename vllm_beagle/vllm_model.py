@@ -22,14 +22,13 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.llama_eagle3 import Eagle3LlamaForCausalLM
 from vllm.model_executor.models.utils import maybe_prefix
-from vllm.transformers_utils.configs.eagle import EAGLEConfig
 
 from .attention import StateAttention
 from .block import BeagleBlock
 from .checkpoint import check_tensors, load_checkpoint
 from .schema import BeagleConfig, CheckpointError, check_against_target
+from .vllm_internals import EAGLEConfig, Eagle3LlamaForCausalLM
 
 
 def beagle_config_from_vllm(vllm_config: VllmConfig) -> tuple[BeagleConfig, str]:

@@ -16,7 +16,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from ..outputs import exclusive, prepare_output_dir, write_json
+from ..outputs import claim_manifest, exclusive, prepare_output_dir, write_json
 from ..reference import target_states
 from ..schema import STATE_FINAL_NORM, BeagleConfig, state_fields, state_name
 from .responses import Dialogue
@@ -53,16 +53,14 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
 def _claim(out_dir: str, manifest: dict) -> None:
     """Record what `out_dir`'s shards hold, or refuse if it already holds shards of something else."""
     path = os.path.join(out_dir, MANIFEST)
+    saved = None
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        changed = sorted(k for k in manifest if saved.get(k) != manifest[k])
-        if changed:
-            raise ValueError(f"{out_dir} holds shards of a different run (its {', '.join(changed)} differ: "
-                             f"{ {k: saved.get(k) for k in changed} } on disk, { {k: manifest[k] for k in changed} } "
-                             "now); resume with the options it was started with, or write to a new --out")
-        return
-    write_json(path, manifest)
+    was, now = claim_manifest(path, manifest, saved)
+    if was:
+        raise ValueError(f"{out_dir} holds shards of a different run (its {', '.join(was)} differ: {was} on disk, "
+                         f"{now} now); resume with the options it was started with, or write to a new --out")
 
 
 def sequences_of(dialogue: Dialogue) -> list[tuple[list[int], list[bool]]]:

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 from tqdm import tqdm
 
-from ..outputs import write_bytes, write_json
+from ..outputs import claim_manifest, write_bytes
 from ..prompts import chat_ids
 
 MANIFEST = "manifest.json"
@@ -135,17 +135,12 @@ class ResponseStore:
 
     def claim(self, manifest: dict) -> None:
         """Record what the store holds, or refuse if it already holds answers made otherwise."""
-        saved = self.manifest()
-        if saved is None:
-            os.makedirs(self.folder, exist_ok=True)
-            write_json(self.manifest_path, manifest)
-            return
-        changed = sorted(k for k in manifest if saved.get(k) != manifest[k])
-        if changed:
+        was, now = claim_manifest(self.manifest_path, manifest, self.manifest())
+        if was:
             raise StoreError(
-                f"the response store {self.folder} was made with other settings ({', '.join(changed)} differ: "
-                f"{ {k: saved.get(k) for k in changed} } there, { {k: manifest[k] for k in changed} } now); "
-                "run with the settings it was started with, or give another --responses folder")
+                f"the response store {self.folder} was made with other settings ({', '.join(was)} differ: "
+                f"{was} there, {now} now); run with the settings it was started with, or give another "
+                "--responses folder")
 
     def chunks(self) -> list[str]:
         return sorted(glob.glob(os.path.join(self.folder, CHUNK_GLOB)))
