@@ -1,6 +1,6 @@
 """GPU timings of the Beagle kernels against their references and against stock attention.
 
-    python benchmarks/kernels.py [--quick] [--json FILE]
+    python benchmarks/kernel_timings.py [--quick] [--json FILE]
 
 For draft shapes (one query row per request, the draft steps; four rows, the first pass after a
 K = 3 verification) over batch and context sizes, with SmolLM2-135M and Llama-3-8B head layouts,
@@ -203,7 +203,7 @@ def main() -> int:
             print(markdown(json.load(f)))
         return 0
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no GPU here; kernel timings need one (the CPU runs Triton only interpreted)")
+        print("benchmarks/kernel_timings.py: no GPU here; kernel timings need one (the CPU runs Triton only interpreted)")
         return 0
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "copy_GBps": copy_bandwidth()}
