@@ -17,10 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 # The dtypes the project writes, by their names in a safetensors header.
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+_HEADER_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                 torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 FLOATS = ("F32", "F16", "BF16")
-_HEADER_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # safetensors reads no larger header; the check here keeps a damaged length from being read at all.
 MAX_HEADER_BYTES = 100_000_000
 
