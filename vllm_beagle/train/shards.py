@@ -93,9 +93,10 @@ class ShardSet:
     """All sequences of the shards in a folder; `sequences[i]` is a dict of input_ids, loss_mask, states
     and (pre-norm kinds) final.
 
-    Every shard is checked when the set is opened (keys, dtypes, shapes, offsets, token ids within
-    `vocab_size` when given), and each sequence's states when they are read (finite values), so that a
-    damaged file is refused by name here rather than failing somewhere inside a training step.
+    Every shard is checked when the set is opened (its header before any tensor is read: keys, dtypes,
+    shapes; then the state kind its metadata names, offsets and token ids within `vocab_size` when
+    given), and each sequence's states when they are read (finite values), so that a damaged file is
+    refused by name here rather than failing somewhere inside a training step.
 
     `state` "final_norm" reads shards of a pre-norm kind as final-state shards (their `final` tensor as
     the states): one extraction of fused states also trains top-state drafts and the EAGLE-1 baseline.
@@ -143,10 +144,13 @@ class ShardSet:
         return len(self._index)
 
     def fingerprint(self) -> str:
-        """sha256 over the shards' names and sizes and the sequences used: what a training state was trained on."""
+        """sha256 over the shards' names and contents and the number of sequences used: what a training
+        state was trained on. Contents, not sizes: a shard rewritten in place with other states keeps its
+        size. Every shard is read through once for it."""
         digest = hashlib.sha256(str(len(self)).encode())
         for file in self.files:
-            digest.update(f"{os.path.basename(file)}:{os.path.getsize(file)};".encode())
+            with open(file, "rb") as f:
+                digest.update(f"{os.path.basename(file)}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
         return digest.hexdigest()
 
     def keep_first(self, count: int) -> None:
