@@ -113,11 +113,15 @@ def test_refuses_a_state_layer_the_target_does_not_have(toy, tmp_path, target_cf
     (lambda t: t.pop("k_proj.weight"), ["lacks", "k_proj.weight"]),
     (lambda t: t.__setitem__("fc.weight", torch.zeros(4, 4)), ["unexpected", "fc.weight"]),
     (lambda t: t.__setitem__("v_proj.weight", torch.zeros(64, 64)),
-     ["'v_proj.weight' has shape (64, 64)", "(64, 128)"]),
-    (lambda t: t.__setitem__("o_proj.weight", t["o_proj.weight"].to(torch.int32)), ["'o_proj.weight'", "torch.int32"]),
+     ["tensor 'v_proj.weight' of shape (64, 64) where (64, 128) is expected"]),
+    (lambda t: t.__setitem__("o_proj.weight", t["o_proj.weight"].to(torch.int32)),
+     ["tensor 'o_proj.weight' of dtype I32; weights must be one of F32, F16, BF16"]),
+    # A dtype torch cannot check for NaN/Inf: refused from the header, before the value check would raise.
+    (lambda t: t.__setitem__("o_proj.weight", t["o_proj.weight"].to(torch.float8_e4m3fn)),
+     ["tensor 'o_proj.weight' of dtype F8_E4M3; weights must be one of F32, F16, BF16"]),
     (lambda t: t["mlp.up_proj.weight"].__setitem__((3, 5), float("nan")), ["'mlp.up_proj.weight' holds 1 NaN/Inf"]),
     (lambda t: t["query_norm.weight"].__setitem__(0, float("inf")), ["'query_norm.weight' holds 1 NaN/Inf"]),
-    (lambda t: t.__setitem__("lm_head.weight", torch.zeros(10, 128)), ["'lm_head.weight' has shape (10, 128)"]),
+    (lambda t: t.__setitem__("lm_head.weight", torch.zeros(10, 128)), ["'lm_head.weight' of shape (10, 128)"]),
 ])
 def test_refuses_bad_tensors(ckpt, target_cfg, spoil, fragments):
     edit_tensors(ckpt, spoil)
@@ -154,6 +158,9 @@ def test_refuses_missing_files_and_bad_config(ckpt, target_cfg, tmp_path):
     with open(os.path.join(ckpt, "config.json"), "w") as f:
         f.write("{not json")
     refused(ckpt, target_cfg, "config.json is not valid JSON")
+    with open(os.path.join(ckpt, "config.json"), "w") as f:
+        f.write('{"beagle": ' + "[" * 100_000 + "]" * 100_000 + "}")  # past what Python's decoder recurses into
+    refused(ckpt, target_cfg, "config.json is nested too deeply to be a config")
     os.remove(os.path.join(ckpt, "config.json"))
     refused(ckpt, target_cfg, "no config.json")
     missing = str(tmp_path / "nowhere")
@@ -192,11 +199,11 @@ def test_reduced_vocabulary_map_round_trips_exactly(toy, target_cfg):
 
 
 @pytest.mark.parametrize("spoil, fragment", [
-    (lambda t: t.__setitem__("draft_to_target", t["draft_to_target"].float()), "must be int64 token ids"),
+    (lambda t: t.__setitem__("draft_to_target", t["draft_to_target"].float()), "token ids must be I64"),
     (lambda t: t["draft_to_target"].__setitem__(0, 32000), "outside the target's vocabulary 0..31999"),
     (lambda t: t["draft_to_target"].__setitem__(1, int(t["draft_to_target"][0])), "to the same target id"),
     (lambda t: t.pop("draft_to_target"), "lacks the tensor(s) ['draft_to_target']"),
-    (lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"][:999]), "'lm_head.weight' has shape (999, 128)"),
+    (lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"][:999]), "'lm_head.weight' of shape (999, 128)"),
 ])
 def test_bad_token_maps_are_refused(toy, target_cfg, tmp_path, spoil, fragment):
     path = shutil.copytree(toy["draft_vocab_dir"], str(tmp_path / "beagle-vocab"))

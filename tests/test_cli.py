@@ -206,6 +206,18 @@ def test_data_refuses_an_impossible_turn_count_before_making_its_folder(toy, tmp
     assert "Traceback" not in result.stderr and not out.exists()
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_eval_refuses_a_prompt_count_below_one_before_making_anything(tmp_path, count):
+    # Without --target, eval converts SmolLM2 into ~/.cache first: HOME here shows that nothing was made.
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run([BEAGLE, "eval", "--num-prompts", count], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HOME": str(home)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "beagle eval: -k, --max-tokens, --batch-size and --num-prompts must be at least 1" in result.stderr
+    assert list(home.iterdir()) == []
+
+
 def test_train_refuses_to_write_over_a_model_that_is_not_a_draft(toy, shards):
     before = sorted(os.listdir(toy["target_dir"]))
     result = train_on_shards(toy, shards, toy["target_dir"], *ONE_EPOCH)

