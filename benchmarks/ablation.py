@@ -93,7 +93,8 @@ def main() -> int:
     parser.add_argument("--prompts", default="mtbench", help="vLLM prompt set (default mtbench)")
     parser.add_argument("--num-prompts", type=int, default=16, help="vLLM prompts (default 16)")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
-    parser.add_argument("--offline-sequences", type=int, default=40, help="held-out sequences read offline (default 40)")
+    parser.add_argument("--offline-sequences", type=int, default=40,
+                        help="held-out sequences read offline (default 40)")
     parser.add_argument("--eager", action="store_true", help="vLLM without compilation (default: compiled)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)

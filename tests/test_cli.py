@@ -7,11 +7,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import BEAGLE
+
 from vllm_beagle.cli import SERVER_MODULE, serve_command
 from vllm_beagle.train.draft_vocab import DEFAULT_SIZE
-
 
 
 def beagle(*args, timeout=120):

@@ -4,7 +4,6 @@ drafts of the final state."""
 
 import json
 import lzma
-import os
 
 import pytest
 import torch
@@ -79,7 +78,8 @@ def test_conversations_with_an_evaluation_prompt_are_never_chosen(toy, tmp_path)
 
 def test_fused_shards_read_as_final_states_equal_final_state_shards(toy, tmp_path):
     target = toy["target"]
-    sequences = [([1, 450, 7483, 310, 3444], [False, False, True, True, True]), ([1, 15043, 29892], [False, True, True])]
+    sequences = [([1, 450, 7483, 310, 3444], [False, False, True, True, True]),
+                 ([1, 15043, 29892], [False, True, True])]
     folders = {}
     for state in ("final_norm", "fused:0,1,2"):
         cfg = BeagleConfig.from_target(target.config.to_dict(), **state_fields(state, target.config.num_hidden_layers))

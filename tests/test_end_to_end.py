@@ -13,8 +13,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import BEAGLE, run_vllm, spec
+
 from vllm_beagle.reference import ReferenceDraft, simulate_greedy
 from vllm_beagle.train.shards import ShardSet
 

@@ -24,8 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vllm_beagle.checkpoint import load_checkpoint
 from vllm_beagle.reference import ReferenceDraft
 from vllm_beagle.schema import CONFIG_FILE, WEIGHTS_FILE, BeagleConfig, CheckpointError
-from vllm_beagle.train.sharegpt import ShareGPTReader
 from vllm_beagle.train.shards import ShardError, ShardSet, write_shard
+from vllm_beagle.train.sharegpt import ShareGPTReader
 
 PER_KIND = 150
 DATASET_PER_KIND = 100
@@ -305,7 +305,8 @@ FILE_KINDS = {
     "cut in the header": (cut_in_the_header, r"its first 8 bytes announce a \d+-byte header, but"),
     "cut in the data": (cut_in_the_data, r"is truncated or not a safetensors file \("),
     "header not JSON": (header_not_json, r"is not a safetensors file: its header is not JSON"),
-    "header nested too deeply": (header_nested_too_deeply, r"is not a safetensors file: its header is nested too deeply"),
+    "header nested too deeply": (header_nested_too_deeply,
+                                 r"is not a safetensors file: its header is nested too deeply"),
     "extra tensor": (extra_tensor, r"has unexpected tensor\(s\) \['extra\.[a-z_.]+'\]"),
     "missing tensor": (missing_tensor, r"lacks the tensor\(s\) \['[a-z_.]+'\]"),
     "flipped bits": (flipped_bits, None),
@@ -313,7 +314,8 @@ FILE_KINDS = {
 CHECKPOINT_KINDS = {
     **FILE_KINDS,
     "float8": (to_float8, r"of dtype F8_E(4M3|5M2); (weights must be one of F32, F16, BF16|token ids must be I64)$"),
-    "dtype off the list": (off_list_dtype, r"of dtype \w+; (weights must be one of F32, F16, BF16|token ids must be I64)$"),
+    "dtype off the list": (off_list_dtype,
+                           r"of dtype \w+; (weights must be one of F32, F16, BF16|token ids must be I64)$"),
     "zero size": (resized(lambda t: t, lambda rng, old: 0), r"of shape \(.*\) where \(.*\) is expected$"),
     "wrong size": (resized(lambda t: t, lambda rng, old: max(1, old + rng.choice([-1, 1, 3])), extra_dim=True),
                    r"of shape \(.*\) where \(.*\) is expected$"),

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import requests
-
 from conftest import MAX_TOKENS, PARITY_PROMPT
+
 from vllm_beagle.load import spec_metrics
 from vllm_beagle.local_server import SERVER_MODULE, LocalServer
 

@@ -9,10 +9,18 @@ import time
 
 import pytest
 import requests
-
 from conftest import MAX_TOKENS, PARITY_PROMPT
-from vllm_beagle.load import (check_counters, check_load, greedy_mismatches, greedy_texts, make_requests, run_load,
-                              settle, spec_metrics)
+
+from vllm_beagle.load import (
+    check_counters,
+    check_load,
+    greedy_mismatches,
+    greedy_texts,
+    make_requests,
+    run_load,
+    settle,
+    spec_metrics,
+)
 from vllm_beagle.local_server import LocalServer, server_command
 from vllm_beagle.prompts import load_prompts
 

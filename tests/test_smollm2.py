@@ -9,9 +9,9 @@ draft vLLM runs is the draft the trainer trained, and it is lossless."""
 
 import pytest
 import torch
+from conftest import run_vllm
 from transformers import AutoModelForCausalLM
 
-from conftest import run_vllm
 from vllm_beagle.compare import chat_token_ids
 from vllm_beagle.drafts import draft_path, speculative_config
 from vllm_beagle.prompts import load_prompts

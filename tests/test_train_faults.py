@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
+from conftest import BEAGLE
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import BEAGLE
 from vllm_beagle.outputs import OutputError, prepare_output_dir
 from vllm_beagle.train.loop import STATE_FILE
 

@@ -4,8 +4,8 @@ untrained draft's), and an interrupted run resumes to exactly the weights of an 
 import dataclasses
 
 import torch
-
 from conftest import random_prompts
+
 from vllm_beagle.reference import ReferenceDraft, simulate_greedy
 from vllm_beagle.schema import BeagleConfig
 from vllm_beagle.train.loop import TrainConfig, train
@@ -86,9 +86,8 @@ def test_two_processes_under_torchrun_reach_the_weights_of_one(toy, shards, tmp_
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     from conftest import BEAGLE
+    from safetensors.torch import load_file
 
     args = ["train", "--data", os.path.dirname(shards.files[0]), "--target", toy["target_dir"], "--window", "3",
             "--sim-steps", "2", "--stage1-epochs", "1", "--stage2-epochs", "1", "--batch-size", "8", "--lr", "3e-3",

@@ -7,9 +7,9 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+from conftest import KS, MAX_TOKENS, MIXED_TEMPERATURES, PARITY_PROMPT, PROMPTS, run_vllm, spec
 from safetensors.torch import load_file, save_file
 
-from conftest import KS, MAX_TOKENS, MIXED_TEMPERATURES, PARITY_PROMPT, PROMPTS, run_vllm, spec
 from vllm_beagle import block
 from vllm_beagle.reference import simulate_greedy
 

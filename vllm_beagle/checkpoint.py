@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +19,36 @@ from .schema import (
     BeagleConfig,
     CheckpointError,
     check_against_target,
-    read_config,
 )
 from .tensor_files import FLOATS, Spec, TensorFileError, check_header, header_of, open_checked
+
+
+def read_config_dict(path: str) -> dict[str, Any]:
+    """A draft folder's config.json as a dict (Beagle or vLLM's EAGLE format); CheckpointError naming
+    what is wrong when it is missing or not a JSON object."""
+    file = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(path, f"no {CONFIG_FILE} in the directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"{CONFIG_FILE} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(path, f"{CONFIG_FILE} is nested too deeply to be a config") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(path, f"{CONFIG_FILE} holds a {type(d).__name__}, not an object")
+    return d
+
+
+def read_config(path: str) -> BeagleConfig:
+    return BeagleConfig.from_hf_dict(read_config_dict(path), checkpoint=path)
+
+
+def is_beagle_checkpoint(path: str) -> bool:
+    """A Beagle checkpoint's config.json has a `beagle` section; an EAGLE-1 draft in vLLM's own format
+    (the baseline) has none."""
+    return "beagle" in read_config_dict(path)
 
 
 def _tensor_specs(cfg: BeagleConfig) -> tuple[dict[str, Spec], frozenset[str]]:

@@ -10,8 +10,7 @@ import sys
 
 from .local_server import SERVER_MODULE
 from .outputs import OutputError, prepare_output_dir
-from .schema import CONFIG_FILE, CheckpointError
-
+from .schema import CheckpointError
 
 
 def _target_config(target: str) -> dict | None:
@@ -56,7 +55,7 @@ def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vl
     API key. Clients ask for the target by its hub id where known (else its folder's name), not by a
     path of this machine.
     """
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_config_dict
     from .drafts import draft_path, speculative_config
     from .verifier import hub_name, local_target, verifier_of
 
@@ -68,13 +67,7 @@ def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vl
         draft = os.path.abspath(draft_path(draft))
     except FileNotFoundError as e:
         raise SystemExit(f"beagle serve: {e}") from None
-    try:
-        with open(os.path.join(draft, CONFIG_FILE), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        config = None
-    if not isinstance(config, dict):
-        load_checkpoint(draft)  # the checkpoint's own error: what is missing or unreadable
+    config = read_config_dict(draft)
     if target is None:
         try:
             verifier = verifier_of(config)
@@ -159,7 +152,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     plain, draft = summary["plain"], summary["draft"]
     report = {"target": target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
               "k": args.num_speculative_tokens, "temperature": args.temperature, "max_tokens": args.max_tokens,
-              "batch_size": args.batch_size, "eager": args.eager, "tau": draft["tau"], "per_position": draft["per_position"],
+              "batch_size": args.batch_size, "eager": args.eager, "tau": draft["tau"],
+              "per_position": draft["per_position"],
               "tokens_per_s_plain": plain["tokens_per_s"], "tokens_per_s_draft": draft["tokens_per_s"],
               "speedup": draft["speedup"], "identical_outputs": draft["identical_outputs"]}
     if args.json:

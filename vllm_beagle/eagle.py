@@ -11,16 +11,13 @@ predicts the state at position p + 1, and the target's LM head reads it directly
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from torch import nn
 
 from .block import AttentionProjections, GatedMLP, RMSNorm, Rotary, masked_attention
-from .checkpoint import read_tensors, write_checkpoint
+from .checkpoint import read_config_dict, read_tensors, write_checkpoint
 from .reference import Draft
-from .schema import CONFIG_FILE, STATE_FINAL_NORM, BeagleConfig
+from .schema import STATE_FINAL_NORM, BeagleConfig
 from .verifier import verifier_of
 
 
@@ -99,9 +96,8 @@ class EagleDraft(Draft):
         write_checkpoint(path, eagle_hf_config(self.cfg), self.block.state_dict())
 
     @classmethod
-    def from_checkpoint(cls, path: str, target: nn.Module) -> "EagleDraft":
-        with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-            d = json.load(f)
+    def from_checkpoint(cls, path: str, target: nn.Module) -> EagleDraft:
+        d = read_config_dict(path)
         cfg = BeagleConfig.from_target(d, verifier=verifier_of(d), training=d.get("training", {}))
         draft = cls(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
         draft.block.load_state_dict(read_tensors(path))

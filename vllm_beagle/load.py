@@ -128,7 +128,7 @@ async def _send(session: aiohttp.ClientSession, url: str, request: LoadRequest) 
                                       cancelled=True)
             return LoadAnswer(request.index, 200, texts, reasons, time.perf_counter() - start,
                               error="stream ended without [DONE]")
-    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, KeyError, IndexError) as e:
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError) as e:
         return LoadAnswer(request.index, 0, [], [], time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
 
 
@@ -215,7 +215,10 @@ def load_summary(answers: list[LoadAnswer], wall_s: float) -> dict[str, float]:
     """Counts and latency of one pass: answered, failed (5xx among them), cancelled by the client, p50/p99."""
     ok = sorted(a.latency_s for a in answers if a.whole)
     failed = [a for a in answers if a.failed]
-    pick = lambda q: ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")  # noqa: E731
+
+    def pick(q: float) -> float:
+        return ok[min(len(ok) - 1, int(q * len(ok)))] if ok else float("nan")
+
     return {"requests": len(answers), "answered": len(ok), "failed": len(failed),
             "5xx": sum(500 <= a.status < 600 for a in failed), "cancelled": sum(a.cancelled for a in answers),
             "p50_s": pick(0.50), "p99_s": pick(0.99), "wall_s": wall_s}

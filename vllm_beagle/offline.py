@@ -45,7 +45,7 @@ class SpecCounters:
         elif name == PER_POSITION:
             self.accepted_per_pos = _per_position(self.accepted_per_pos, [0] * position + [int(value)], operator.add)
 
-    def __sub__(self, before: "SpecCounters") -> "SpecCounters":
+    def __sub__(self, before: SpecCounters) -> SpecCounters:
         return SpecCounters(
             self.num_drafts - before.num_drafts,
             self.num_draft_tokens - before.num_draft_tokens,

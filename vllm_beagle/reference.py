@@ -72,7 +72,7 @@ class ReferenceDraft(Draft):
         super().__init__(cfg, BeagleBlock(cfg), embed_weight, lm_head_weight)
 
     @classmethod
-    def from_checkpoint(cls, path: str, target: nn.Module) -> "ReferenceDraft":
+    def from_checkpoint(cls, path: str, target: nn.Module) -> ReferenceDraft:
         """Load a checkpoint for an HF target model; embedding and LM head are the target's unless the checkpoint
         has its own (a reduced-vocabulary draft always has its own LM head, which belongs to the block)."""
         cfg, tensors = load_checkpoint(path, target.config.to_dict(), getattr(target.config, "_name_or_path", "target"))
@@ -98,7 +98,8 @@ class ReferenceDraft(Draft):
         """Predicted states ĥ for query rows.
 
         tokens/positions: [..., T], row p's token t_{p+1} and p; states/state_positions: [..., S, H] and
-        [..., S], states as the block reads them (the target's through `combine`, or predicted ones). visible: [..., T, S]; by default the causal rule `state position <= row position`.
+        [..., S], states as the block reads them (the target's through `combine`, or predicted ones).
+        visible: [..., T, S]; by default the causal rule `state position <= row position`.
         """
         if visible is None:
             visible = state_positions.unsqueeze(-2) <= positions.unsqueeze(-1)
@@ -112,8 +113,8 @@ class ReferenceDraft(Draft):
         """Greedy chain drafting as vLLM does it: the k draft tokens and the k states ĥ behind them.
 
         tokens: t_0..t_n, the sequence so far including the newest token; states: the target's states
-        h_0..h_{n-1} as `target_states` returns them. Drafts tokens for positions n+1..n+k. Each step's row sits one position further
-        on; in concat mode its key/value set also gains the ĥ the previous step predicted, in
+        h_0..h_{n-1} as `target_states` returns them. Drafts tokens for positions n+1..n+k. Each step's row
+        sits one position further on; in concat mode its key/value set also gains the ĥ the previous step predicted, in
         true_states mode it keeps the true states only.
         """
         n = states.shape[0]

@@ -8,8 +8,6 @@ with what only Beagle needs. This module knows nothing of vLLM, of the trainer o
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -132,7 +130,7 @@ class BeagleConfig:
         return METHOD_BY_STATE[self.state]
 
     @classmethod
-    def from_target(cls, target: Mapping[str, Any], intermediate_size: int | None = None, **beagle) -> "BeagleConfig":
+    def from_target(cls, target: Mapping[str, Any], intermediate_size: int | None = None, **beagle) -> BeagleConfig:
         """A draft config whose widths, heads, vocabulary and RoPE are the target's."""
         return cls(
             **dims_of(target),
@@ -181,7 +179,7 @@ class BeagleConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], checkpoint: str = "<config>") -> "BeagleConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], checkpoint: str = "<config>") -> BeagleConfig:
         beagle = d.get("beagle")
         if not isinstance(beagle, Mapping):
             raise CheckpointError(checkpoint, "config.json has no 'beagle' section; is this a Beagle checkpoint?")
@@ -344,26 +342,3 @@ def check_against_target(cfg: BeagleConfig, target: Mapping[str, Any], checkpoin
             checkpoint, f"field 'beagle.{field}' is {value} but the target {target_name} "
             f"has {layers} layers (valid: 0..{layers})"
         )
-
-
-def is_beagle_checkpoint(path: str) -> bool:
-    """A Beagle checkpoint's config.json has a `beagle` section; an EAGLE-1 draft in vLLM's own format
-    (the baseline) has none."""
-    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-        return "beagle" in json.load(f)
-
-
-def read_config(path: str) -> BeagleConfig:
-    file = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(path, f"no {CONFIG_FILE} in the directory") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(path, f"{CONFIG_FILE} is not valid JSON ({e})") from None
-    except RecursionError:
-        raise CheckpointError(path, f"{CONFIG_FILE} is nested too deeply to be a config") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(path, f"{CONFIG_FILE} holds a {type(d).__name__}, not an object")
-    return BeagleConfig.from_hf_dict(d, checkpoint=path)

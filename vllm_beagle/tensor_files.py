@@ -62,7 +62,8 @@ def header_of(tensors: Mapping[str, torch.Tensor]) -> Header:
     return {k: (tuple(t.shape), _HEADER_NAMES.get(t.dtype, str(t.dtype))) for k, t in tensors.items()}
 
 
-def check_header(header: Header, expected: Mapping[str, Spec], optional: frozenset[str] = frozenset()) -> dict[str, int]:
+def check_header(header: Header, expected: Mapping[str, Spec],
+                 optional: frozenset[str] = frozenset()) -> dict[str, int]:
     """The sizes the named dimensions take; TensorFileError for the first tensor missing, unexpected,
     of a dtype off its list or of another shape."""
     missing = sorted(set(expected) - set(optional) - set(header))

@@ -12,7 +12,7 @@ import torch
 
 
 def expand_kernel(output: torch.Tensor, input_val: torch.Tensor, cu_num_tokens: torch.Tensor, replace_from,
-                  replace_to, MAX_NUM_TOKENS=None) -> None:  # noqa: N803 (the Triton kernel's argument name)
+                  replace_to, MAX_NUM_TOKENS=None) -> None:  # the Triton kernel's argument names
     """vLLM's `rejection_sampler.expand_kernel` on CPU: request i's value, `replace_from` rewritten to
     `replace_to`, over its tokens `cu_num_tokens[i-1]:cu_num_tokens[i]`, in the dtype of `output`."""
     counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1, dtype=torch.long))

@@ -28,7 +28,7 @@ from .attention import StateAttention
 from .block import BeagleBlock
 from .checkpoint import check_tensors, load_checkpoint
 from .schema import BeagleConfig, CheckpointError, check_against_target
-from .vllm_internals import EAGLEConfig, Eagle3LlamaForCausalLM
+from .vllm_internals import Eagle3LlamaForCausalLM, EAGLEConfig
 
 
 def beagle_config_from_vllm(vllm_config: VllmConfig) -> tuple[BeagleConfig, str]:

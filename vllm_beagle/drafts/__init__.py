@@ -31,7 +31,7 @@ def speculative_config(name: str, k: int) -> dict:
     """vLLM's speculative config for a draft name (a shipped one, `ngram`, or a checkpoint folder)."""
     if name == NGRAM:
         return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
-    from ..schema import is_beagle_checkpoint, read_config
+    from ..checkpoint import is_beagle_checkpoint, read_config
 
     path = os.path.abspath(draft_path(name))
     method = read_config(path).method if is_beagle_checkpoint(path) else "eagle"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from ..checkpoint import is_beagle_checkpoint
 from ..eagle import EagleDraft
 from ..reference import Draft, ReferenceDraft, accepted_prefix
-from ..schema import is_beagle_checkpoint
 from .shards import ShardSet
 
 

@@ -40,7 +40,7 @@ class TrainBatch:
     loss_mask: torch.Tensor  # [B, T] bool, position j's state and next token are supervised
     final: torch.Tensor | None = None  # [B, T, H], the target's final post-norm states if not `states`
 
-    def to(self, device) -> "TrainBatch":
+    def to(self, device) -> TrainBatch:
         return TrainBatch(self.tokens.to(device), self.states.to(device), self.loss_mask.to(device),
                           None if self.final is None else self.final.to(device))
 
