@@ -101,7 +101,8 @@ def main() -> int:
     for spec in args.variants:
         parse_variant(spec)
     args.target = args.target or smollm2_dir()
-    args.heldout = args.heldout or os.path.join(os.path.dirname(os.path.abspath(args.data)), "heldout")
+    # Kept as given (relative where the command was), so that the results name no path of this machine.
+    args.heldout = args.heldout or os.path.join(os.path.dirname(os.path.normpath(args.data)), "heldout")
     if not os.path.isdir(args.heldout):
         raise SystemExit(f"ablation.py: no held-out shards at {args.heldout}")
     drafts = {spec: train(spec, args, options) for spec in args.variants}
@@ -137,7 +138,7 @@ def main() -> int:
             extra["vllm"] = r
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"data": os.path.abspath(args.data), "heldout": args.heldout, "k": args.k,
+            json.dump({"data": args.data, "heldout": args.heldout, "k": args.k,
                        "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
                        "eager": args.eager, "options": options, "plain": measured["plain"],
                        "ngram": measured["ngram"], "variants": rows}, f, indent=2)
