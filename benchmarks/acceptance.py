@@ -21,6 +21,7 @@ from vllm_beagle.compare import chat_token_ids, run_engines, summarize
 from vllm_beagle.drafts import speculative_config
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.verifier import target_name
 
 
 def main() -> int:
@@ -60,7 +61,8 @@ def main() -> int:
                   f"{r['speedup']:.2f}x | {same} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": target, "prompts": args.prompts, "num_prompts": len(prompts), "eager": args.eager,
+            json.dump({"target": target_name(target), "prompts": args.prompts, "num_prompts": len(prompts),
+                       "eager": args.eager,
                        "max_tokens": args.max_tokens, "results": {str(t): r for t, r in table.items()}}, f, indent=2)
     if args.plot:
         plot(table, args.plot)

@@ -31,6 +31,7 @@ from vllm_beagle.compare import chat_token_ids, run_engines, summarize
 from vllm_beagle.drafts import draft_path, speculative_config
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.verifier import target_name
 
 PER_RUN_OPTIONS = ("--data", "--target", "--out", "--draft-vocab")  # what this script sets for each size
 
@@ -156,7 +157,7 @@ def main() -> int:
               f"{r['train_step_s']['stage1']:.2f} / {r['train_step_s']['stage2']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": target, "data": os.path.abspath(args.data), "train_options": options,
+            json.dump({"target": target_name(target), "data": args.data, "train_options": options,
                        "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
                        "plain_tokens_per_s": summary["plain"]["tokens_per_s"], "rows": rows}, f, indent=2)
     return 0

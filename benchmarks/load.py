@@ -29,6 +29,7 @@ from vllm_beagle.drafts import draft_path
 from vllm_beagle.local_server import LocalServer, server_command
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.verifier import target_name
 
 MODEL = "target"
 
@@ -110,7 +111,8 @@ def main() -> int:
         print("PROBLEM:", problem)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": target, "draft": draft, "requests": args.requests, "concurrency": args.concurrency,
+            json.dump({"target": target_name(target), "draft": args.draft, "requests": args.requests,
+                       "concurrency": args.concurrency,
                        "k": args.k, "seed": args.seed, "plain": [p["summary"] for p in plain],
                        "drafting": drafted["summary"], "spread": spread, "mismatches": mismatches,
                        "counters": counters.as_dict(), "gauges_after": gauges, "healthy_after": healthy,

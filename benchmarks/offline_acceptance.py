@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from vllm_beagle.schema import state_name
 from vllm_beagle.smollm2 import smollm2_dir
 from vllm_beagle.train.evaluate import load_draft, offline_acceptance
 from vllm_beagle.train.shards import ShardSet
+from vllm_beagle.verifier import target_name
 
 
 def main() -> int:
@@ -58,7 +58,9 @@ def main() -> int:
         print(f"| {name} | {r['tau']:.2f} | {rates} | {r['rounds']} |", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"data": os.path.abspath(args.data), "target": target_dir, "within": args.within,
+            # The data as given and the target by its hub id (or folder name): no path of this machine.
+            json.dump({"data": args.data, "target": target_name(target_dir),
+                       "within": args.within,
                        "results": results}, f, indent=2)
     return 0
 

@@ -27,6 +27,7 @@ from vllm_beagle.load import spec_metrics
 from vllm_beagle.local_server import LocalServer, server_command
 from vllm_beagle.smollm2 import smollm2_dir
 from vllm_beagle.train.sharegpt import ShareGPTReader, default_path
+from vllm_beagle.verifier import target_name
 
 
 def sharegpt_subset(count: int, path: str) -> str:
@@ -109,7 +110,8 @@ def main() -> int:
               f"{r['median_tpot_ms']:.1f} | {tau} | {rates} | {r['failed']} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"target": target, "k": args.k, "num_prompts": args.num_prompts, "rows": rows}, f, indent=2)
+            json.dump({"target": target_name(target), "k": args.k, "num_prompts": args.num_prompts, "rows": rows}, f,
+                      indent=2)
     return 0
 
 

@@ -57,7 +57,7 @@ def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vl
     """
     from .checkpoint import load_checkpoint, read_config_dict
     from .drafts import draft_path, speculative_config
-    from .verifier import hub_name, local_target, verifier_of
+    from .verifier import local_target, target_name, verifier_of
 
     if any(map(_sets_speculation, vllm_args)):
         raise SystemExit("beagle serve: --draft and --num-speculative-tokens set the speculative config; "
@@ -90,8 +90,7 @@ def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vl
         print(f"beagle serve: warning: listening on {host or 'every interface'} without --api-key; anyone who "
               "can reach it can use the server", file=sys.stderr)
     if _option_value(vllm_args, "--served-model-name") is None:
-        vllm_args = ["--served-model-name", hub_name(target) or os.path.basename(os.path.normpath(target)),
-                     *vllm_args]
+        vllm_args = ["--served-model-name", target_name(target), *vllm_args]
     return [sys.executable, "-m", SERVER_MODULE, "--model", target, "--speculative-config", json.dumps(spec),
             *vllm_args]
 

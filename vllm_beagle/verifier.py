@@ -38,6 +38,12 @@ def hub_name(target_dir: str) -> str | None:
     return f"{match[1]}/{match[2]}" if match else None
 
 
+def target_name(target: str) -> str:
+    """The target as clients and results name it: its hub id where known, else its folder's name (a
+    path of this machine would mean nothing elsewhere)."""
+    return hub_name(target) or os.path.basename(os.path.normpath(target))
+
+
 def speculators_section(method: str, verifier: str) -> dict[str, Any]:
     """The config.json keys that let vLLM serve the draft by itself, with `verifier` as its target."""
     return {
