@@ -235,14 +235,11 @@ def add_eager(parser: argparse.ArgumentParser) -> None:
                              "as users run it, and the speed-ups differ)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="beagle",
-        description="Beagle cross-attention drafts for vLLM speculative decoding: serve a target with a "
-                    "draft (outputs stay exactly the target's), train a draft, or run the demo.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_max_tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
 
+
+def add_serve_command(sub) -> None:
     serve = sub.add_parser(
         "serve",
         help="start vLLM's OpenAI-compatible server for a target with a draft",
@@ -263,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_num_speculative_tokens(serve)
     serve.set_defaults(func=cmd_serve)
 
+
+def add_demo_command(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="SmolLM2-135M-Instruct answers chat prompts with and without the shipped Beagle draft",
@@ -272,11 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "measured in the same run.",
     )
     add_num_speculative_tokens(demo)
-    demo.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
+    add_max_tokens(demo)
     add_eager(demo)
     demo.add_argument("--cache", default=None, help="where the converted target is kept (default ~/.cache/vllm-beagle)")
     demo.set_defaults(func=cmd_demo)
 
+
+def add_eval_command(sub) -> None:
     ev = sub.add_parser(
         "eval",
         help="measure a draft in vLLM against plain decoding: tau, per-position acceptance, speed-up",
@@ -295,12 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     add_num_speculative_tokens(ev)
     ev.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    ev.add_argument("--max-tokens", type=int, default=128, help="new tokens per prompt at most (default 128)")
+    add_max_tokens(ev)
     ev.add_argument("--batch-size", type=int, default=1, help="requests decoded at once (default 1)")
     add_eager(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ev.set_defaults(func=cmd_eval)
 
+
+def add_data_command(sub) -> None:
     data = sub.add_parser(
         "data",
         help="make training data: the target's own answers to chat conversations (vLLM), then shards of its states",
@@ -347,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="generate nothing: make shards for the conversations the store already holds")
     data.set_defaults(func=cmd_data)
 
+
+def add_train_command(sub) -> None:
     tr = sub.add_parser(
         "train",
         help="train a Beagle draft on shards of target states (Two-Stage Block-Attention Training)",
@@ -401,6 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "is served. Default: the target's hub id where it can be told (the converted SmolLM2, a "
                          "folder of Hugging Face's cache)")
     tr.set_defaults(func=cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beagle",
+        description="Beagle cross-attention drafts for vLLM speculative decoding: serve a target with a "
+                    "draft (outputs stay exactly the target's), train a draft, or run the demo.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in (add_serve_command, add_demo_command, add_eval_command, add_data_command, add_train_command):
+        add_command(sub)
     return parser
 
 
