@@ -33,7 +33,7 @@ def train_on_shards(toy, shards, out, *options):
     (("demo",), ["--max-tokens", "side by side", "--eager"]),
     (("train",), ["--window", "--regression-weight", "(0: the token-only objective)", "--data-fraction", "--state",
                   "--tf32"]),
-    (("data",), ["--responses", "fused:A,B,C", "--no-generate", "--dtype", "--shard-size"]),
+    (("data",), ["--responses", "fused:A,B,C", "--no-generate", "--dtype", "--shard-size", "--answers"]),
     (("eval",), ["--eager", "sharegpt-heldout", "--json"]),
 ])
 def test_help_explains_each_command(args, words):

@@ -1,9 +1,10 @@
 """The training data's pieces, without vLLM: the response store (every prompt rebuilt exactly, settings
-held to), turns chained into sequences, evaluation prompts kept out, and fused shards that also serve
-drafts of the final state."""
+held to), turns chained into sequences, evaluation prompts kept out, fused shards that also serve
+drafts of the final state, and shards of a file's own answers."""
 
 import json
 import lzma
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoTokenizer
 
 from vllm_beagle.prompts import load_prompts, mtbench_texts
 from vllm_beagle.schema import BeagleConfig, state_fields
-from vllm_beagle.train.data import sequences_of, write_examples
+from vllm_beagle.train.data import build_dataset, sequences_of, write_examples
 from vllm_beagle.train.responses import Dialogue, ResponseStore, StoreError, select_conversations
 from vllm_beagle.train.shards import ShardError, ShardSet
 
@@ -93,3 +94,29 @@ def test_fused_shards_read_as_final_states_equal_final_state_shards(toy, tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ShardError, match="cannot be read as"):
         ShardSet(folders["final_norm"], state="fused:0,1,2")
+
+
+def test_the_files_own_answers_make_shards_without_generating(toy, tmp_path):
+    records = [{"id": str(i), "conversations": [
+        {"from": "human", "value": f"Tell me about {i}"}, {"from": "gpt", "value": f"Here is {i}."},
+        {"from": "human", "value": "More?"}, {"from": "gpt", "value": "No more."}]} for i in range(4)]
+    records[3]["conversations"] = records[3]["conversations"][:1]  # a question without an answer
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    summary = build_dataset(toy["target_dir"], str(out), state="final_norm", dataset=str(path), turns=2, heldout=1,
+                            shard_size=1, answers="dataset", progress=False)
+    assert summary["answers"] == "dataset" and summary["conversations"] == 3 and summary["answers_per_turn"] == [3, 3]
+    assert not os.path.exists(out / "responses")  # nothing generated, no store
+    tokenizer = AutoTokenizer.from_pretrained(toy["target_dir"])
+    sequences = [s for part in ("heldout", "train") for s in ShardSet(str(out / part)).sequences]
+    assert len(sequences) == 3  # the two turns of a conversation chain into one sequence
+    told = set()
+    for seq in sequences:
+        ids, mask = seq["input_ids"].tolist(), seq["loss_mask"].bool().tolist()
+        supervised = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        said = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+        # Every answer is supervised and no user turn is.
+        assert "No more." in supervised and "Tell me about" in said and "Tell me about" not in supervised
+        told |= {i for i in range(4) if f"Here is {i}." in supervised}
+    assert told == {0, 1, 2}

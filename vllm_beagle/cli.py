@@ -187,7 +187,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         prepare_output_dir(args.out, 0, "the training data")
         summary = build_dataset(args.target, args.out, state, args.dataset, args.responses, args.num_prompts,
                                 args.max_prompt_len, args.max_new_tokens, args.heldout, args.shard_size, args.turns,
-                                args.seed, args.dtype, args.eager, args.max_num_seqs, not args.no_generate)
+                                args.seed, args.dtype, args.eager, args.max_num_seqs, not args.no_generate,
+                                args.answers)
     except (FileNotFoundError, ValueError, OutputError, StoreError) as e:
         raise SystemExit(f"beagle data: {e}") from None
     print(json.dumps(summary, indent=2))
@@ -348,6 +349,10 @@ def add_data_command(sub) -> None:
     data.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM decodes at once (default 256)")
     data.add_argument("--no-generate", action="store_true",
                       help="generate nothing: make shards for the conversations the store already holds")
+    data.add_argument("--answers", choices=["target", "dataset"], default="target",
+                      help="whose answers the shards hold: the target's own, generated (default), or the file's "
+                           "own assistant turns (no generation, only the target's prefill; extra data beside the "
+                           "target's, written to its own --out)")
     data.set_defaults(func=cmd_data)
 
 

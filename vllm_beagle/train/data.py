@@ -98,7 +98,7 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
                   responses: str | None = None, num_prompts: int | None = None, max_prompt_len: int = 1024,
                   max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 64, turns: int = 1, seed: int = 0,
                   dtype: str = "float32", eager: bool = False, max_num_seqs: int = 256, generate: bool = True,
-                  progress: bool = True) -> dict:
+                  answers: str = "target", progress: bool = True) -> dict:
     """Conversations (user turns of a ShareGPT file) -> the target's answers (greedy, vLLM) -> shards.
 
     Every usable conversation of the file is taken in a seeded random order (`responses.py`; never one
@@ -109,8 +109,10 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     schema.state_name) the states the draft reads are written to OUT/train and OUT/heldout, each shard
     holding the sequences of `shard_size` consecutive conversations (one sequence per conversation
     where its turns chain, `sequences_of`). A shard is written once all its conversations are answered,
-    so a store that grows gains shards without the old ones being made again. Returns (and writes to
-    OUT/summary.json) what was read, skipped, answered and sharded.
+    so a store that grows gains shards without the old ones being made again. With `answers` "dataset"
+    the file's own assistant turns are the answers instead (own_answers.py: nothing is generated, no
+    store is read, a conversation ends where it would pass max_prompt_len + max_new_tokens tokens).
+    Returns (and writes to OUT/summary.json) what was read, skipped, answered and sharded.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -132,24 +134,33 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     if not conversations:
         raise ValueError(f"no usable conversation in {path}: {counts}")
     wanted = conversations[:num_prompts]
-    store = store_lib.ResponseStore(responses or os.path.join(out, "responses"))
-    store.claim(store_lib.generation_manifest(target_dir, path, max_prompt_len, max_new_tokens, turns, seed, dtype,
-                                              eager, len(conversations)))
-    if generate:
-        with exclusive(store.folder, "the response store"):
-            store_lib.generate(target_dir, store, wanted, tokenizer, max_prompt_len, max_new_tokens, dtype, eager,
-                               max_num_seqs, progress=progress)
-    dialogues = {d.index: d for d in store.dialogues() if d.index < len(wanted)}
+    if answers == "dataset":
+        from .own_answers import dataset_dialogues
+
+        dialogues = dataset_dialogues(path, wanted, tokenizer, max_prompt_len + max_new_tokens, turns)
+        source = {"answers": "dataset", "dataset_sha256": store_lib.file_sha256(path), "seed": seed,
+                  "turns": turns, "max_len": max_prompt_len + max_new_tokens}
+    else:
+        store = store_lib.ResponseStore(responses or os.path.join(out, "responses"))
+        store.claim(store_lib.generation_manifest(target_dir, path, max_prompt_len, max_new_tokens, turns, seed,
+                                                  dtype, eager, len(conversations)))
+        if generate:
+            with exclusive(store.folder, "the response store"):
+                store_lib.generate(target_dir, store, wanted, tokenizer, max_prompt_len, max_new_tokens, dtype,
+                                   eager, max_num_seqs, progress=progress)
+        dialogues = {d.index: d for d in store.dialogues() if d.index < len(wanted)}
+        source = store.manifest()
     held = min(heldout, len(wanted) - 1)
     summary = {"dataset": os.path.abspath(path), **counts, "conversations_usable": len(conversations),
                "conversations_wanted": len(wanted), "heldout_conversations": held,
-               "responses": os.path.abspath(store.folder),
+               "answers": answers, **({} if answers == "dataset" else {"responses": os.path.abspath(store.folder)}),
                **store_lib.summarize(dialogues.values())}
     if cfg is not None:
         from transformers import AutoModelForCausalLM
 
         target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-        store_id = hashlib.sha256(json.dumps(store.manifest(), sort_keys=True).encode()).hexdigest()
+        # What the shards' answers are: the store's manifest, or the file and settings of its own answers.
+        store_id = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
         with exclusive(out, "the data folder"):
             for name, first, end in (("heldout", 0, held), ("train", held, len(wanted))):
                 if end > first:

@@ -87,6 +87,24 @@ def user_turns(record) -> list[str] | None:
     return texts or None
 
 
+def exchanges(record) -> list[tuple[str, str]] | None:
+    """(user turn, the assistant turn after it) of the record, in order, up to the first user turn that
+    has no non-empty answer right after it; None for a malformed record."""
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        return None
+    texts = [(t.get("from"), t.get("value")) for t in turns if isinstance(t, dict)]
+    pairs = []
+    for (role, text), (next_role, answer) in zip(texts, texts[1:]):
+        if role not in ("human", "user"):
+            continue
+        if not (isinstance(text, str) and text.strip() and next_role in ("gpt", "assistant")
+                and isinstance(answer, str) and answer.strip()):
+            break
+        pairs.append((text, answer))
+    return pairs
+
+
 def first_user_turn(record) -> str | None:
     """The text of the record's first user turn; None for a malformed record or an empty turn."""
     texts = user_turns(record)
