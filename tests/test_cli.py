@@ -126,7 +126,7 @@ def test_train_writes_a_checkpoint_that_loads_against_the_target(toy, shards, tm
     cfg, _ = load_checkpoint(out, toy["target"].config.to_dict())
     assert cfg.training["sequences"] == len(shards) and cfg.training["window"] == 3
     # The data as the command named it and what it held (the shards' fingerprint), not a resolved path.
-    assert cfg.training["data"] == os.path.dirname(shards.files[0]) and len(cfg.training["data_fingerprint"]) == 64
+    assert cfg.training["data"] == [os.path.dirname(shards.files[0])] and len(cfg.training["data_fingerprint"]) == 64
     # What vLLM reads to serve the folder alone (maybe_override_with_speculators).
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)

@@ -120,3 +120,19 @@ def test_the_files_own_answers_make_shards_without_generating(toy, tmp_path):
         assert "No more." in supervised and "Tell me about" in said and "Tell me about" not in supervised
         told |= {i for i in range(4) if f"Here is {i}." in supervised}
     assert told == {0, 1, 2}
+
+
+def test_shards_of_several_folders_read_as_one_set_and_keep_a_fraction_of_each(toy, tmp_path):
+    target = toy["target"]
+    cfg = BeagleConfig.from_target(target.config.to_dict(), **state_fields("final_norm"))
+    first = [([1, 450 + i, 7483, 310], [False, True, True, True]) for i in range(4)]
+    second = [([1, 15043, 29892 + i], [False, True, True]) for i in range(2)]
+    for name, sequences in (("target", first), ("own", second)):
+        write_examples(target, cfg, sequences, str(tmp_path / name), shard_size=2, progress=False)
+    both = ShardSet([str(tmp_path / "target"), str(tmp_path / "own")])
+    assert [s["input_ids"].tolist() for s in both.sequences] == [ids for ids, _ in first + second]
+    assert both.fingerprint() != ShardSet(str(tmp_path / "target")).fingerprint()
+    both.keep_fraction(0.5)
+    assert [s["input_ids"].tolist() for s in both.sequences] == [ids for ids, _ in first[:2] + second[:1]]
+    with pytest.raises(ShardError, match="no training shards"):
+        ShardSet([str(tmp_path / "target"), str(tmp_path / "nothing")])

@@ -367,8 +367,10 @@ def add_train_command(sub) -> None:
                     "would reach is measured after every epoch (WORK/eval.jsonl). Several processes or GPUs: "
                     "torchrun --nproc-per-node N -m vllm_beagle.cli train ...",
     )
-    tr.add_argument("--data", required=True, help="folder of shard-*.safetensors (e.g. OUT/train of beagle data); "
-                                                  "the draft reads the target state the shards hold")
+    tr.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                    help="folders of shard-*.safetensors (e.g. OUT/train of beagle data, and of beagle data "
+                         "--answers dataset), trained on together; the draft reads the target state the shards "
+                         "hold, which must be the same kind in all")
     tr.add_argument("--target", required=True, help="the target model (HF directory)")
     tr.add_argument("--out", required=True, help="checkpoint folder to write (name it beagle-... so that vLLM's "
                                                  "--spec-model shorthand recognises it)")
@@ -377,8 +379,8 @@ def add_train_command(sub) -> None:
                          "epochs as both Beagle stages and written in the format vLLM's method eagle loads "
                          "(name its folder eagle-...)")
     tr.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
-                    help="train on the first fraction F of the sequences (beagle data orders conversations "
-                         "randomly, so this is a uniform sample; default 1)")
+                    help="train on the first fraction F of each data folder's sequences (beagle data orders "
+                         "conversations randomly, so this is a uniform sample; default 1)")
     tr.add_argument("--state", default=None,
                     help="the target state the draft reads: the one the shards hold (default), or final_norm, "
                          "which shards of a pre-norm kind (layer, fused) also carry")

@@ -21,7 +21,7 @@ from .loop import TrainConfig, last_evaluation, run_identity, train, training_st
 
 @dataclasses.dataclass
 class TrainJob:
-    data: str  # folder of shards
+    data: list[str]  # folders of shards, trained on together
     target: str  # HF folder of the target
     out: str  # checkpoint folder to write
     arch: str = "beagle"
@@ -84,7 +84,7 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     if job.tf32:
         torch.set_float32_matmul_precision("high")
     heldout_dir = job.heldout
-    beside = os.path.join(os.path.dirname(os.path.abspath(job.data)), "heldout")
+    beside = os.path.join(os.path.dirname(os.path.abspath(job.data[0])), "heldout")
     if heldout_dir is None and os.path.isdir(beside):
         heldout_dir = beside
     target = AutoModelForCausalLM.from_pretrained(job.target, dtype=torch.float32).eval()
@@ -93,7 +93,7 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     # EAGLE-1 reads the final state, which shards of every kind carry.
     state = job.state or ("final_norm" if job.arch == "eagle" else None)
     data = ShardSet(job.data, vocab_size, state)
-    data.keep_first(max(1, round(len(data) * job.data_fraction)))
+    data.keep_fraction(job.data_fraction)
     heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
     draft, facts = new_draft(target, data, job.arch, job.kv_mode, draft_vocab, cfg.seed)
     if draft_vocab:

@@ -90,8 +90,9 @@ _FLOATS = ("states", "final")
 
 
 class ShardSet:
-    """All sequences of the shards in a folder; `sequences[i]` is a dict of input_ids, loss_mask, states
-    and (pre-norm kinds) final.
+    """All sequences of the shards in a folder, or in several (their sequences one folder after the
+    other, e.g. the target's answers and a file's own answers); `sequences[i]` is a dict of input_ids,
+    loss_mask, states and (pre-norm kinds) final.
 
     Every shard is checked when the set is opened (its header before any tensor is read: keys, dtypes,
     shapes; then the state kind its metadata names, offsets and token ids within `vocab_size` when
@@ -102,11 +103,18 @@ class ShardSet:
     the states): one extraction of fused states also trains top-state drafts and the EAGLE-1 baseline.
     """
 
-    def __init__(self, folder: str, vocab_size: int | None = None, state: str | None = None):
-        self.folder = folder
-        self.files = sorted(glob.glob(os.path.join(folder, SHARD_GLOB)))
-        if not self.files:
-            raise ShardError(f"no training shards ({SHARD_GLOB}) in {folder}")
+    def __init__(self, folder: str | list[str], vocab_size: int | None = None, state: str | None = None):
+        folders = [folder] if isinstance(folder, str) else list(folder)
+        self.folder = ", ".join(folders)  # for messages
+        self.files = []
+        self._folder_of_file = []
+        for k, one in enumerate(folders):
+            files = sorted(glob.glob(os.path.join(one, SHARD_GLOB)))
+            if not files:
+                raise ShardError(f"no training shards ({SHARD_GLOB}) in {one}")
+            self.files += files
+            self._folder_of_file += [k] * len(files)
+        folder = self.folder
         self._handles, self._tokens, self._index = [], [], []
         states, widths = set(), set()
         for number, file in enumerate(self.files):
@@ -148,14 +156,21 @@ class ShardSet:
         state was trained on. Contents, not sizes: a shard rewritten in place with other states keeps its
         size. Every shard is read through once for it."""
         digest = hashlib.sha256(str(len(self)).encode())
-        for file in self.files:
+        for file in self.files:  # several folders: the same names in each, told apart by their contents
             with open(file, "rb") as f:
                 digest.update(f"{os.path.basename(file)}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
         return digest.hexdigest()
 
-    def keep_first(self, count: int) -> None:
-        """Use only the first `count` sequences (a prefix of beagle data's seeded order is a uniform sample)."""
-        del self._index[count:], self._tokens[count:]
+    def keep_fraction(self, fraction: float) -> None:
+        """Use only the first `fraction` of each folder's sequences, at least one of each (a prefix of beagle
+        data's seeded order is a uniform sample)."""
+        folder_of = [self._folder_of_file[number] for number, _, _ in self._index]
+        kept = []
+        for k in sorted(set(folder_of)):
+            mine = [i for i, f in enumerate(folder_of) if f == k]
+            kept += mine[:max(1, round(len(mine) * fraction))]
+        self._index = [self._index[i] for i in kept]
+        self._tokens = [self._tokens[i] for i in kept]
 
     def length(self, i: int) -> int:
         _, start, end = self._index[i]
