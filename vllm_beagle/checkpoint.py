@@ -45,10 +45,14 @@ def read_config(path: str) -> BeagleConfig:
     return BeagleConfig.from_hf_dict(read_config_dict(path), checkpoint=path)
 
 
-def is_beagle_checkpoint(path: str) -> bool:
+def is_beagle_config(config: Mapping[str, Any]) -> bool:
     """A Beagle checkpoint's config.json has a `beagle` section; an EAGLE-1 draft in vLLM's own format
     (the baseline) has none."""
-    return "beagle" in read_config_dict(path)
+    return "beagle" in config
+
+
+def is_beagle_checkpoint(path: str) -> bool:
+    return is_beagle_config(read_config_dict(path))
 
 
 def _tensor_specs(cfg: BeagleConfig) -> tuple[dict[str, Spec], frozenset[str]]:

@@ -55,7 +55,7 @@ def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vl
     API key. Clients ask for the target by its hub id where known (else its folder's name), not by a
     path of this machine.
     """
-    from .checkpoint import load_checkpoint, read_config_dict
+    from .checkpoint import is_beagle_config, load_checkpoint, read_config_dict
     from .drafts import draft_path, speculative_config
     from .verifier import local_target, target_name, verifier_of
 
@@ -80,7 +80,7 @@ def serve_command(model: str, draft: str | None, num_speculative_tokens: int, vl
             target = local_target(verifier)
         except FileNotFoundError as e:
             raise SystemExit(f"beagle serve: {e}") from None
-    if "beagle" in config:  # not the EAGLE-1 baseline, which is in vLLM's own format
+    if is_beagle_config(config):  # the EAGLE-1 baseline is in vLLM's own format, which vLLM checks
         load_checkpoint(draft, _target_config(target), target)
     spec = speculative_config(draft, num_speculative_tokens)
     host = _option_value(vllm_args, "--host")

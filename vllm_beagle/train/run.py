@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ..checkpoint import is_beagle_config
 from ..outputs import exclusive, prepare_output_dir
 from ..schema import CONFIG_FILE
 from ..verifier import hub_name
@@ -65,7 +66,7 @@ def check_job(job: TrainJob, cfg: TrainConfig) -> None:
                 existing = {}
         # A Beagle checkpoint has its beagle section, the EAGLE-1 export is one layer: anything else is
         # somebody's model (the target's own folder, say) that a run must not overwrite.
-        if "beagle" not in existing and existing.get("num_hidden_layers") != 1:
+        if not is_beagle_config(existing) and existing.get("num_hidden_layers") != 1:
             raise ValueError(f"--out {job.out} holds a model that is not a draft (its config.json has no beagle "
                              "section and more than one layer); give another folder")
 
@@ -115,8 +116,9 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     evaluation = last_evaluation(work_dir)
     # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.
     unused = {"loss"} | ({"window", "sim_steps", "attention"} if job.arch == "eagle" else set())
-    # What a reader can use: the data folder as given and what it holds, never this machine's paths.
-    draft.cfg.training = {"arch": job.arch, "data": job.data, "data_fingerprint": data.fingerprint(),
+    # What a reader can use: the data folders as given and what they hold (the fingerprint the identity
+    # already read the shards for), never this machine's paths.
+    draft.cfg.training = {"arch": job.arch, "data": job.data, "data_fingerprint": identity["data"],
                           "sequences": len(data), "data_fraction": job.data_fraction,
                           **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in unused},
                           **dataclasses.asdict(cfg.loss), **facts,

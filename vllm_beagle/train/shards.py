@@ -114,7 +114,6 @@ class ShardSet:
                 raise ShardError(f"no training shards ({SHARD_GLOB}) in {one}")
             self.files += files
             self._folder_of_file += [k] * len(files)
-        folder = self.folder
         self._handles, self._tokens, self._index = [], [], []
         states, widths = set(), set()
         for number, file in enumerate(self.files):
@@ -134,15 +133,15 @@ class ShardSet:
                 self._index.append((number, start, end))
                 self._tokens.append((small["input_ids"][start:end], small["loss_mask"][start:end]))
         if len(states) != 1:
-            raise ShardError(f"the shards in {folder} do not agree on the target state they hold: "
+            raise ShardError(f"the shards in {self.folder} do not agree on the target state they hold: "
                              f"{sorted(map(str, states))}")
         if len(widths) != 1:
-            raise ShardError(f"the shards in {folder} hold states of different widths: {sorted(widths, key=str)}")
+            raise ShardError(f"the shards in {self.folder} hold states of different widths: {sorted(widths, key=str)}")
         self.state = states.pop()
         width, final_width = widths.pop()
         self._final_view = state is not None and state != self.state
         if self._final_view and (state != STATE_FINAL_NORM or final_width is None):
-            raise ShardError(f"the shards in {folder} hold {self.state} states, which cannot be read as {state} "
+            raise ShardError(f"the shards in {self.folder} hold {self.state} states, which cannot be read as {state} "
                              f"(only a pre-norm kind's shards can be read as {STATE_FINAL_NORM})")
         self.state = state or self.state
         self.state_width = final_width if self._final_view else width
