@@ -33,10 +33,12 @@ MIXED_TEMPERATURES = [0.0, 1.0, 0.0, 0.7, 0.0]
 # Training data: random prompts and the toy target's greedy responses.
 PROMPT_LEN, NEW_TOKENS = 6, 26
 KS = (1, 3, 5)
+PARALLEL_KS = (3, 5, 7)
 
 
-def spec(draft_dir, k, method="eagle"):
-    return {"method": method, "model": draft_dir, "num_speculative_tokens": k}
+def spec(draft_dir, k, method="eagle", parallel=False):
+    return {"method": method, "model": draft_dir, "num_speculative_tokens": k} | (
+        {"parallel_drafting": True} if parallel else {})
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +72,12 @@ def toy(tmp_path_factory):
         "draft_fused_ts": build_draft(target, str(root / "beagle3-fused-ts"), state=f"fused:0,1,{layers}",
                                       kv_mode="true_states"),
         "draft_fused_ts_dir": str(root / "beagle3-fused-ts"),
+        # One forward per round (vLLM's parallel drafting); the fused one names its verifier, for vllm serve.
+        "draft_parallel": build_draft(target, str(root / "beagle-parallel"), drafting="parallel"),
+        "draft_parallel_dir": str(root / "beagle-parallel"),
+        "draft_parallel_fused": build_draft(target, str(root / "beagle3-parallel-fused"), drafting="parallel",
+                                            state=f"fused:0,1,{layers}", verifier=target_dir),
+        "draft_parallel_fused_dir": str(root / "beagle3-parallel-fused"),
     }
 
 
@@ -112,9 +120,10 @@ def eagle_draft(toy, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(toy, eagle_draft, tmp_path_factory):
-    """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, a true-states draft, a
-    reduced-vocabulary draft, fused-state drafts in both kv modes and vLLM's own EAGLE-1 running our
-    exported baseline at K = 3.
+    """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, parallel drafts at K = 3, 5, 7
+    (and a fused one at 3), a true-states draft, a reduced-vocabulary draft, fused-state drafts in both kv
+    modes and vLLM's own EAGLE-1 running our exported baseline at K = 3; draft forwards and draft tokens
+    recorded for the chain and parallel drafts (vllm_worker.py).
 
     The parity request runs alone first on each drafting engine, so that its counters are its own. The
     K = 3 engines also take the batch with every other prompt sampled (MIXED_TEMPERATURES).
@@ -123,8 +132,12 @@ def engines(toy, eagle_draft, tmp_path_factory):
     parity = {"prompts": [PARITY_PROMPT], "max_tokens": MAX_TOKENS}
     mixed = {**batch, "temperature": MIXED_TEMPERATURES}
     runs = [{"name": "plain", "spec": None, "calls": [batch, parity]}]
-    runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch] + [mixed] * (k == 3)}
-             for k in KS]
+    runs += [{"name": f"k{k}", "spec": spec(toy["draft_dir"], k), "calls": [parity, batch] + [mixed] * (k == 3),
+              "count_draft_forwards": True} for k in KS]
+    runs += [{"name": f"parallel_k{k}", "spec": spec(toy["draft_parallel_dir"], k, parallel=True),
+              "calls": [parity, batch] + [mixed] * (k == 3), "count_draft_forwards": True} for k in PARALLEL_KS]
+    runs.append({"name": "parallel_fused", "spec": spec(toy["draft_parallel_fused_dir"], 3, "eagle3", parallel=True),
+                 "calls": [parity, batch], "count_draft_forwards": True})
     runs.append({"name": "true_states", "spec": spec(toy["draft_ts_dir"], 3), "calls": [parity, batch]})
     runs.append({"name": "draft_vocab", "spec": spec(toy["draft_vocab_dir"], 3), "calls": [parity, batch]})
     for name in ("draft_fused", "draft_fused_ts"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_beagle.checkpoint import load_checkpoint
+from vllm_beagle.checkpoint import check_tensors, load_checkpoint
 from vllm_beagle.reference import ReferenceDraft
 from vllm_beagle.schema import BeagleConfig, CheckpointError, rope_parameters_of
 
@@ -217,3 +217,36 @@ def test_draft_vocab_size_out_of_range_is_refused(toy, target_cfg, tmp_path):
         beagle = json.load(f)["beagle"]
     edit_config(path, beagle={**beagle, "draft_vocab_size": 40000})
     refused(path, target_cfg, "draft_vocab_size must be between 1 and vocab_size 32000, got 40000")
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"drafting": "tree"}, "beagle.drafting must be one of"),
+    ({"drafting": "parallel"}, "beagle.mask_token_id is required with drafting 'parallel'"),
+    ({"mask_token_id": 5}, "beagle.mask_token_id is required with drafting 'parallel' and forbidden otherwise"),
+    ({"drafting": "parallel", "mask_token_id": 10 ** 6}, "beagle.mask_token_id must be a token id below"),
+    ({"drafting": "parallel", "mask_token_id": 5, "kv_mode": "true_states"}, "drafting 'parallel' needs kv_mode"),
+])
+def test_refuses_inconsistent_drafting_fields(ckpt, target_cfg, changes, fragment):
+    with open(os.path.join(ckpt, "config.json")) as f:
+        beagle = json.load(f)["beagle"]
+    edit_config(ckpt, beagle={**beagle, **changes})
+    refused(ckpt, target_cfg, fragment)
+
+
+def test_a_parallel_draft_carries_its_placeholder_state_and_mask_token(toy, target_cfg):
+    """What vLLM's parallel drafter reads: the top-level mask_token_id and the draft's mask_hidden, in the target's
+    state width (vLLM puts it through combine_hidden_states); a fused one is the speculators type peagle, which
+    vLLM serves by its folder alone as eagle3 with parallel drafting."""
+    from vllm.transformers_utils.configs.speculators.base import SpeculatorsConfig
+
+    cfg, tensors = load_checkpoint(toy["draft_parallel_fused_dir"], target_cfg)
+    assert tensors["mask_hidden"].shape == (cfg.state_width,) == (3 * cfg.hidden_size,)
+    with open(os.path.join(toy["draft_parallel_fused_dir"], "config.json")) as f:
+        config = json.load(f)
+    assert config["mask_token_id"] == cfg.mask_token_id == cfg.vocab_size - 1
+    assert SpeculatorsConfig.extract_vllm_speculative_config(config) == {
+        "method": "eagle3", "parallel_drafting": True, "num_speculative_tokens": 3}
+    broken = dict(tensors)
+    del broken["mask_hidden"]
+    with pytest.raises(CheckpointError, match="mask_hidden"):
+        check_tensors(cfg, broken, "draft")

@@ -183,7 +183,11 @@ def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_wit
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--arch", "eagle", "--draft-vocab", "64"], "--draft-vocab and --kv-mode do not apply"),
+    (["--arch", "eagle", "--draft-vocab", "64"], "--draft-vocab, --kv-mode and --drafting do not apply"),
+    (["--drafting", "parallel"], "there is no stage 2 to simulate: pass --stage2-epochs 0"),
+    (["--drafting", "parallel", "--kv-mode", "true_states", "--stage2-epochs", "0"],
+     "--drafting parallel needs --kv-mode concat"),
+    (["--mask-token-id", "5"], "--mask-token-id is the token of parallel drafting's mask rows"),
     (["--draft-vocab", "1000000"], "draft_vocab_size must be between 1 and vocab_size 32000, got 1000000"),
     (["--window", "2", "--sim-steps", "3"], "sim_steps must be between 1 and window (2), got 3"),
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
@@ -266,3 +270,10 @@ def test_draft_vocab_benchmark_trains_with_the_shipped_drafts_recipe():
     for name in ("window", "sim_steps", "stage1_epochs", "stage2_epochs", "batch_size", "max_len", "lr",
                  "warmup_steps", "save_every", "eval_sequences"):
         assert getattr(args, name) == recorded[name], name
+
+
+def test_serve_command_turns_parallel_drafting_on_for_a_parallel_draft(toy):
+    argv = serve_command(toy["target_dir"], toy["draft_parallel_fused_dir"], 5, [])
+    spec = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert spec == {"method": "eagle3", "model": toy["draft_parallel_fused_dir"], "num_speculative_tokens": 5,
+                    "parallel_drafting": True}

@@ -104,3 +104,32 @@ def test_two_processes_under_torchrun_reach_the_weights_of_one(toy, shards, tmp_
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
     start = fresh_draft(toy).block.q_proj.weight  # how the CLI initialises with seed 0
     assert (a["q_proj.weight"] - start).abs().max() > 1e-3  # it trained
+
+
+def test_a_parallel_draft_trains_and_exports_what_it_drafts(toy, shards, tmp_path):
+    """--drafting parallel: the mask rows' objective lowers its loss, and the saved checkpoint (mask token and
+    placeholder state) drafts exactly what the trained draft does. On the toy target, nearly a bigram model,
+    nothing but the next token is predictable, so acceptance beyond the first position is not asked for."""
+    from vllm_beagle.train.objective import LossConfig, parallel_loss
+
+    cfg = BeagleConfig.from_target(toy["target"].config.to_dict(), drafting="parallel",
+                                   mask_token_id=toy["target"].config.vocab_size - 1)
+    torch.manual_seed(0)
+    draft = ReferenceDraft(cfg, toy["draft"].embed_weight, toy["draft"].lm_head_weight)
+    batch = shards.batch(list(range(16)), 64)
+
+    def loss():
+        return float(parallel_loss(draft, batch, 3, 0, LossConfig(noise_std=0.0)))
+
+    before = loss()
+    placeholder = draft.block.mask_hidden.detach().clone()
+    train(draft, shards, str(tmp_path / "work"), dataclasses.replace(FAST, stage2_epochs=0), progress=False)
+    # Measured here: 15.2 before, 13.2 after.
+    assert loss() < 0.93 * before, (before, loss())
+    assert not torch.equal(draft.block.mask_hidden, placeholder)  # the placeholder state is trained too
+    draft.save(str(tmp_path / "beagle-parallel"))
+    loaded = ReferenceDraft.from_checkpoint(str(tmp_path / "beagle-parallel"), toy["target"])
+    assert loaded.cfg.drafting == "parallel" and loaded.cfg.mask_token_id == cfg.mask_token_id
+    for prompt in random_prompts(1, 2):
+        assert simulate_greedy(toy["target"], loaded, prompt, 16, 3) == simulate_greedy(toy["target"], draft, prompt,
+                                                                                        16, 3)

@@ -1,6 +1,7 @@
 """Two-Stage Block-Attention Training against independent definitions and against inference:
 the masks equal a brute-force reading of the paper, stage 1 trains what true-states drafting does,
-and stage 2's simulation reproduces concat-mode chain drafting exactly."""
+stage 2's simulation reproduces concat-mode chain drafting exactly, and the parallel objective is
+parallel drafting."""
 
 import dataclasses
 
@@ -9,8 +10,8 @@ import torch
 
 from vllm_beagle.reference import ReferenceDraft, target_states
 from vllm_beagle.schema import BeagleConfig
-from vllm_beagle.train.masks import exact_rows, stage1, stage2
-from vllm_beagle.train.objective import LossConfig, stage1_loss, stage2_losses
+from vllm_beagle.train.masks import exact_rows, mask_rows, parallel, stage1, stage2
+from vllm_beagle.train.objective import LossConfig, parallel_predictions, stage1_loss, stage2_losses
 from vllm_beagle.train.shards import TrainBatch
 
 
@@ -42,6 +43,18 @@ def test_stage2_masks_and_exact_rows(rows, window, offset):
         assert torch.equal(stage2(rows, window, offset, step).dense(), torch.tensor(expected)), step
         exact = [p for p in range(rows) if p - brute_start(p, window, offset) == step - 1]
         assert exact_rows(rows, window, offset, step).tolist() == exact
+
+
+@pytest.mark.parametrize("rows, window, offset", CASES)
+def test_parallel_mask_is_what_vllms_mask_rows_see(rows, window, offset):
+    """A window's first row is an ordinary first draft step; each row after it carries the mask token and sees
+    the true states up to the window's start and the placeholder slots after it up to its own."""
+    expected = []
+    for p in range(rows):
+        s = brute_start(p, window, offset)
+        expected.append([j <= s for j in range(rows)] + [s < r <= p for r in range(rows)])
+    assert torch.equal(parallel(rows, window, offset).dense(), torch.tensor(expected))
+    assert mask_rows(rows, window, offset).tolist() == [p != brute_start(p, window, offset) for p in range(rows)]
 
 
 def visibilities(rows, window, offset):
@@ -157,6 +170,18 @@ def test_stage1_is_true_states_chain_drafting(toy, k, name):
     mask = stage1(batch.num_rows, k, (n - 1) % k).dense()
     predicted = draft(batch.tokens[:, 1:], rows, draft.combine(batch.states[:, :-1]), rows, visible=mask)
     torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], chain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["draft_parallel", "draft_parallel_fused"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_parallel_objective_is_parallel_drafting(toy, k, name):
+    """The window that starts at the last true state's row predicts what one parallel drafting forward does."""
+    draft = toy[name]
+    batch, n, _ = inference_case(toy, draft, k)
+    predicted = parallel_predictions(draft, batch, k, (n - 1) % k, LossConfig(noise_std=0.0))
+    drafts, parallel_states = draft.draft_parallel(batch.tokens[0, :n + 1], batch.states[0, :n], k)
+    torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], parallel_states, rtol=1e-5, atol=1e-5)
+    assert drafts == draft.logits(predicted[0, n - 1:n - 1 + k]).argmax(-1).tolist()
 
 
 def defined_loss(draft, batch, predicted, rows, regression_weight):

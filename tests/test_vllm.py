@@ -7,7 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import KS, MAX_TOKENS, MIXED_TEMPERATURES, PARITY_PROMPT, PROMPTS, run_vllm, spec
+from conftest import KS, MAX_TOKENS, MIXED_TEMPERATURES, PARALLEL_KS, PARITY_PROMPT, PROMPTS, run_vllm, spec
 from safetensors.torch import load_file, save_file
 
 from vllm_beagle import block
@@ -37,12 +37,24 @@ def test_greedy_prompts_stay_lossless_beside_sampled_ones(engines, name):
     assert [len(o) for o in mixed] == [MAX_TOKENS] * len(PROMPTS)
 
 
+def draft_rounds(measured, k):
+    """The draft tokens of each round of a one-request call, from the draft's logits (vllm_worker.py): k rows
+    per call in parallel drafting, one per call and k calls per round in a chain."""
+    tokens = [t for call in measured["draft_logits_argmax"] for t in call]
+    return [tokens[i:i + k] for i in range(0, len(tokens), k)]
+
+
 def assert_simulator_predicts(engines, measured, draft, target, k):
     assert measured["outputs"][0] == engines["plain"]["calls"][1]["outputs"][0]
-    rate = measured["spec"]["num_accepted_tokens"] / measured["spec"]["num_draft_tokens"]
-    # A draft that is always or never right cannot tell two conventions apart.
-    assert 0.2 < rate < 0.9, f"the parity draft must be partly right; acceptance rate {rate:.2f}"
     sim = simulate_greedy(target, draft, PARITY_PROMPT, MAX_TOKENS, k)
+    if "draft_logits_argmax" in measured:
+        # Every draft token, not only the counts: the last round's drafts are made but never verified.
+        rounds = draft_rounds(measured, k)
+        assert rounds[:len(sim["drafts"])] == sim["drafts"] and len(rounds) - len(sim["drafts"]) in (0, 1)
+    else:
+        rate = measured["spec"]["num_accepted_tokens"] / measured["spec"]["num_draft_tokens"]
+        # A draft that is always or never right cannot tell two conventions apart by its counts.
+        assert 0.2 < rate < 0.9, f"the parity draft must be partly right; acceptance rate {rate:.2f}"
     assert sim["output"] == measured["outputs"][0]
     for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
         assert sim[key] == measured["spec"][key], key
@@ -78,6 +90,35 @@ def test_fused_states_are_lossless_and_match_the_simulator(engines, toy, name):
     assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
     assert drafted["spec"]["num_drafts"] > 0
     assert_simulator_predicts(engines, engines[name]["calls"][0], toy[name], toy["target"], 3)
+
+
+@pytest.mark.parametrize("name, k", [(f"parallel_k{k}", k) for k in PARALLEL_KS] + [("parallel_fused", 3)])
+def test_parallel_drafts_are_lossless_and_match_the_simulator(engines, toy, name, k):
+    """vLLM's parallel drafting (mask token, mask_hidden through combine_hidden_states, one forward per
+    round) drafts what the reference's draft_parallel drafts, round by round."""
+    drafted = engines[name]["calls"][1]
+    assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
+    assert drafted["spec"]["num_draft_tokens"] == k * drafted["spec"]["num_drafts"] > 0
+    draft = toy["draft_parallel_fused" if name == "parallel_fused" else "draft_parallel"]
+    assert_simulator_predicts(engines, engines[name]["calls"][0], draft, toy["target"], k)
+
+
+@pytest.mark.parametrize("k", PARALLEL_KS)
+def test_parallel_drafting_runs_one_draft_forward_per_round(engines, k):
+    """One request: a draft forward per proposal (every verified round, and the last, unverified one), where
+    the chain at K = 3 and 5 runs K per proposal."""
+    parity = engines[f"parallel_k{k}"]["calls"][0]
+    assert parity["draft_forwards"] == parity["spec"]["num_drafts"] + 1
+    for chain_k in (3, 5):
+        chain = engines[f"k{chain_k}"]["calls"][0]
+        assert chain["draft_forwards"] == chain_k * (chain["spec"]["num_drafts"] + 1)
+
+
+def test_parallel_greedy_prompts_stay_lossless_beside_sampled_ones(engines):
+    plain, mixed = engines["plain"]["calls"][0]["outputs"], engines["parallel_k3"]["calls"][2]["outputs"]
+    greedy = [i for i, t in enumerate(MIXED_TEMPERATURES) if t == 0]
+    assert [mixed[i] for i in greedy] == [plain[i] for i in greedy]
+    assert [len(o) for o in mixed] == [MAX_TOKENS] * len(PROMPTS)
 
 
 def test_true_states_mode_runs_the_triton_kernel_inside_vllm(engines, toy, tmp_path):
@@ -120,6 +161,8 @@ def test_vllm_refuses_bad_checkpoints_with_named_errors(toy, tmp_path):
         {"name": "nan", "spec": spec(nan_dir, 3), "calls": [prompts]},
         {"name": "wrong_method", "spec": spec(toy["draft3_dir"], 3, "eagle"), "calls": [prompts]},
         {"name": "no_method", "spec": {"model": plain_name, "num_speculative_tokens": 3}, "calls": [prompts]},
+        {"name": "parallel_as_chain", "spec": spec(toy["draft_parallel_dir"], 3), "calls": [prompts]},
+        {"name": "chain_in_parallel", "spec": spec(toy["draft_dir"], 3, parallel=True), "calls": [prompts]},
     ], tmp_path)
     assert "CheckpointError" in results["nan"]["error"]
     assert nan_dir in results["nan"]["error"] and "'o_proj.weight' holds 1 NaN/Inf" in results["nan"]["error"]
@@ -127,6 +170,8 @@ def test_vllm_refuses_bad_checkpoints_with_named_errors(toy, tmp_path):
     assert "method is 'eagle'" in results["wrong_method"]["error"]
     assert "method is 'draft_model'" in results["no_method"]["error"]
     assert "--spec-method eagle" in results["no_method"]["error"]
+    assert "drafts in parallel (one forward per round), which needs" in results["parallel_as_chain"]["error"]
+    assert "mask_token_id" in results["chain_in_parallel"]["error"]  # vLLM's own refusal
 
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schema import DRAFT_TO_TARGET, STATE_FINAL_NORM, STATE_FUSED, BeagleConfig
+from .schema import DRAFT_TO_TARGET, MASK_HIDDEN, STATE_FINAL_NORM, STATE_FUSED, BeagleConfig
 
 # The query's token sits one position after the state of its row.
 QUERY_POSITION_OFFSET = 1
@@ -131,6 +131,10 @@ class BeagleBlock(AttentionProjections):
         # The fused kind reads several layers' residuals through one learned projection (EAGLE-3's fc).
         self.fc = nn.Linear(cfg.state_width, H, bias=False) if cfg.state == STATE_FUSED else None
         self.rotary = Rotary(cfg)
+        if cfg.drafting == "parallel":
+            # The state of a parallel draft's mask rows, as the target's states come (combine applies):
+            # unit scale, like the states the state norm sees, so that its gradient is of their size too.
+            self.register_parameter(MASK_HIDDEN, nn.Parameter(torch.randn(cfg.state_width)))
         if cfg.draft_vocab_size is not None:
             # The draft's own LM head over a reduced vocabulary and the target id of each of its rows.
             self.lm_head = nn.Linear(H, cfg.draft_vocab_size, bias=False)

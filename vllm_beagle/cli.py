@@ -200,9 +200,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.run import TrainJob, run
     from .train.shards import ShardError
 
-    job = TrainJob(args.data, args.target, args.out, args.arch, args.kv_mode, args.draft_vocab, args.state,
-                   args.data_fraction, args.heldout, args.work_dir, args.device, args.tf32, args.export_dtype,
-                   args.verifier, " ".join(["beagle", *sys.argv[1:]]))
+    job = TrainJob(args.data, args.target, args.out, arch=args.arch, kv_mode=args.kv_mode, drafting=args.drafting,
+                   mask_token_id=args.mask_token_id, draft_vocab=args.draft_vocab, state=args.state,
+                   data_fraction=args.data_fraction, heldout=args.heldout, work_dir=args.work_dir,
+                   device=args.device, tf32=args.tf32, export_dtype=args.export_dtype, verifier=args.verifier,
+                   command=" ".join(["beagle", *sys.argv[1:]]))
     try:
         if run(job, train_config(args)):
             print(f"beagle train: wrote {args.out}")
@@ -386,6 +388,13 @@ def add_train_command(sub) -> None:
                          "which shards of a pre-norm kind (layer, fused) also carry")
     tr.add_argument("--kv-mode", choices=["concat", "true_states"], default="concat",
                     help="what draft steps attend to at inference (default concat)")
+    tr.add_argument("--drafting", choices=["chain", "parallel"], default="chain",
+                    help="chain (default): K draft forwards per round, each feeding back the last; parallel: "
+                         "all K tokens from one forward (vLLM's parallel drafting), the rows after the first "
+                         "carrying a mask token and a learned placeholder state; trains stage 1's windows with "
+                         "those rows for every epoch, so it needs --stage2-epochs 0")
+    tr.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
+                    help="the token of parallel drafting's mask rows (default: the vocabulary's last id)")
     tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                     help="draft over the N tokens most often predicted in the data, with the draft's own LM head "
                          "(initialised from the target's rows); 0 = the target's full vocabulary. Default: 8192 "

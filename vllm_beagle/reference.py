@@ -62,6 +62,11 @@ class Draft(nn.Module):
             return logits
         return self.block.to_target_vocab(logits, self.cfg.vocab_size)
 
+    def propose(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+        """The k tokens greedy drafting proposes as vLLM runs this draft, and the states ĥ behind them;
+        arguments as draft_chain's."""
+        return self.draft_chain(tokens, states, k)
+
 
 class ReferenceDraft(Draft):
     """Beagle block + the target's (frozen) embedding and LM head, attention over a dense K/V set."""
@@ -107,6 +112,24 @@ class ReferenceDraft(Draft):
         q = self.block.queries(embeds, positions)
         k, v = self.block.keys_values(states, state_positions)
         return self.block.output(embeds, masked_attention(q, k, v, visible))
+
+    def propose(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+        if self.cfg.drafting == "parallel":
+            return self.draft_parallel(tokens, states, k)
+        return self.draft_chain(tokens, states, k)
+
+    @torch.no_grad()
+    def draft_parallel(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+        """Greedy parallel drafting as vLLM's parallel drafter runs it: one forward over k rows. The first
+        carries the newest token and the last true state; the k - 1 after it carry the mask token and the
+        learned `mask_hidden` as their state, at their own positions, all attending causally."""
+        n = states.shape[0]
+        mask_states = self.block.combine(self.block.mask_hidden).expand(k - 1, -1)
+        keys = torch.cat([self.combine(states), mask_states.to(states.dtype)])
+        rows = torch.arange(n - 1, n + k - 1)
+        row_tokens = torch.cat([tokens[n:n + 1], torch.full((k - 1,), self.cfg.mask_token_id)])
+        predicted = self(row_tokens, rows, keys, torch.arange(len(keys)))
+        return self.logits(predicted).argmax(-1).tolist(), predicted
 
     @torch.no_grad()
     def draft_chain(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
@@ -179,17 +202,20 @@ def simulate_greedy(target: nn.Module, draft: Draft, prompt: list[int], max_toke
 
     Each round drafts k tokens from the last verified state, accepts the longest prefix that matches
     the target's greedy tokens, and emits those plus one token from the target. Returns the output
-    tokens and the counters vLLM reports (drafts, draft tokens, accepted, accepted per position).
+    tokens, the counters vLLM reports (drafts, draft tokens, accepted, accepted per position) and the
+    draft tokens of every round ("drafts").
     """
     seq = list(prompt)
     states, _, logits = target_states(target, torch.tensor(seq), draft.cfg)
     seq.append(int(logits[-1].argmax()))
-    stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_pos": [0] * k}
+    stats = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_pos": [0] * k,
+             "drafts": []}
     while len(seq) - len(prompt) < max_tokens:
-        drafts, _ = draft.draft_chain(torch.tensor(seq), states, k)
+        drafts, _ = draft.propose(torch.tensor(seq), states, k)
         states, _, logits = target_states(target, torch.tensor(seq + drafts), draft.cfg)
         greedy = logits[len(seq) - 1:].argmax(-1).tolist()
         accepted = accepted_prefix(drafts, greedy)
+        stats["drafts"].append(drafts)
         stats["num_drafts"] += 1
         stats["num_draft_tokens"] += k
         stats["num_accepted_tokens"] += accepted

@@ -34,6 +34,11 @@ METHOD_BY_STATE = {STATE_FINAL_NORM: "eagle", STATE_LAYER: "eagle3", STATE_FUSED
 # concat: draft steps also attend to the states the draft predicted in earlier steps (the paper's
 # default); true_states: they attend to the target's true states only (the paper's no-concat mode).
 KV_MODES = ("concat", "true_states")
+# chain: K forward passes per round, each feeding back the previous step's prediction; parallel: one
+# forward per round (vLLM's `parallel_drafting`), the rows after the first carrying a mask token and the
+# draft's learned placeholder state `mask_hidden`.
+DRAFTINGS = ("chain", "parallel")
+MASK_HIDDEN = "mask_hidden"
 # The one integer tensor: the target token id of each row of a reduced draft vocabulary.
 DRAFT_TO_TARGET = "draft_to_target"
 
@@ -63,6 +68,8 @@ class BeagleConfig:
     state_layer: int | None = None
     state_layers: list[int] | None = None  # the fused kind's target layers, ascending (the order `fc` reads them)
     kv_mode: str = "concat"
+    drafting: str = "chain"
+    mask_token_id: int | None = None  # the token of a parallel draft's mask rows (its embedding is the target's)
     # Drafts over the N most frequent tokens of the training data with their own LM head and map the
     # result back to the target's ids (tensor `draft_to_target`); None: the target's full vocabulary.
     draft_vocab_size: int | None = None
@@ -79,7 +86,7 @@ class BeagleConfig:
         if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) \
                 or not self.rms_norm_eps > 0:
             raise ValueError(f"field 'rms_norm_eps' must be a positive number, got {self.rms_norm_eps!r}")
-        for name in ("state_layer", "draft_vocab_size"):
+        for name in ("state_layer", "draft_vocab_size", "mask_token_id"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"beagle.{name} must be an integer, got {value!r}")
@@ -101,6 +108,18 @@ class BeagleConfig:
                                  f"got {layers!r}")
         if self.kv_mode not in KV_MODES:
             raise ValueError(f"beagle.kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
+        if self.drafting not in DRAFTINGS:
+            raise ValueError(f"beagle.drafting must be one of {DRAFTINGS}, got {self.drafting!r}")
+        if (self.drafting == "parallel") != (self.mask_token_id is not None):
+            raise ValueError("beagle.mask_token_id is required with drafting 'parallel' and forbidden otherwise")
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"beagle.mask_token_id must be a token id below vocab_size {self.vocab_size}, "
+                             f"got {self.mask_token_id}")
+        if self.drafting == "parallel" and self.kv_mode != "concat":
+            # vLLM writes the mask rows' K/V in the same forward pass as the true rows', and the plugin's
+            # true-states backend cannot tell the two apart there.
+            raise ValueError("drafting 'parallel' needs kv_mode 'concat': the mask rows attend to the "
+                             "placeholder states of the rows before them")
         if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"beagle.draft_vocab_size must be between 1 and vocab_size {self.vocab_size}, "
                              f"got {self.draft_vocab_size}")
@@ -163,6 +182,8 @@ class BeagleConfig:
                 "state_layer": self.state_layer,
                 "state_layers": self.state_layers,
                 "kv_mode": self.kv_mode,
+                "drafting": self.drafting,
+                "mask_token_id": self.mask_token_id,
                 "draft_vocab_size": self.draft_vocab_size,
                 "training": self.training,
             },
@@ -174,9 +195,18 @@ class BeagleConfig:
                                  "use_aux_hidden_state": True}
             d["target_hidden_size"] = self.hidden_size
             d["draft_vocab_size"] = self.vocab_size
+        if self.drafting == "parallel":
+            d["mask_token_id"] = self.mask_token_id  # where vLLM's parallel drafter looks for it
         if self.verifier is not None:
-            d.update(speculators_section(self.method, self.verifier))
+            d.update(speculators_section(self.speculators_type, self.verifier))
         return d
+
+    @property
+    def speculators_type(self) -> str:
+        """The speculators type that makes vLLM pick this draft's method by itself: "peagle" is eagle3 with
+        parallel drafting; no type means eagle with it, so a parallel top-state draft served by its folder
+        alone also needs --speculative-config '{"parallel_drafting": true}' (the model says so)."""
+        return "peagle" if self.drafting == "parallel" and self.method == "eagle3" else self.method
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], checkpoint: str = "<config>") -> BeagleConfig:
@@ -198,6 +228,8 @@ class BeagleConfig:
                 state_layer=beagle.get("state_layer"),
                 state_layers=beagle.get("state_layers"),
                 kv_mode=beagle.get("kv_mode", "concat"),
+                drafting=beagle.get("drafting", "chain"),
+                mask_token_id=beagle.get("mask_token_id"),
                 draft_vocab_size=beagle.get("draft_vocab_size"),
                 verifier=verifier_of(d),
                 training=beagle.get("training") or {},
@@ -236,6 +268,9 @@ class BeagleConfig:
             required["final_norm.weight"] = (H,)
         if self.state == STATE_FUSED:
             required["fc.weight"] = (H, self.state_width)
+        if self.drafting == "parallel":
+            # In the target's state space (before fc): vLLM puts it through combine_hidden_states itself.
+            required[MASK_HIDDEN] = (self.state_width,)
         # Absent means "use the target's": that is how a draft stays a few MB.
         optional = {"embed_tokens.weight": (self.vocab_size, H), "lm_head.weight": (self.vocab_size, H)}
         if self.draft_vocab_size is not None:

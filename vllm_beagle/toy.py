@@ -69,15 +69,18 @@ def _random_init(block: torch.nn.Module, gen: torch.Generator, attn_std: float, 
 def build_draft(target, out: str | None = None, seed: int = 0, state: str = STATE_FINAL_NORM,
                 kv_mode: str = "concat", attn_std: float = 0.3, out_std: float = 0.004,
                 mlp_std: float = 0.02, draft_vocab: torch.Tensor | None = None,
-                verifier: str | None = None) -> ReferenceDraft:
+                verifier: str | None = None, drafting: str = "chain") -> ReferenceDraft:
     """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
 
     `state` names the target state it reads (schema.state_name): final_norm (method eagle), layer:L or
     fused:A,B,... (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. `verifier`:
-    the target `vllm serve DRAFT` serves it with (verifier.py). Saved to `out` when given.
+    the target `vllm serve DRAFT` serves it with (verifier.py). `drafting` parallel: mask rows carry the
+    vocabulary's last token. Saved to `out` when given.
     """
     beagle = state_fields(state, target.config.num_hidden_layers)
     beagle["kv_mode"] = kv_mode
+    if drafting == "parallel":
+        beagle.update(drafting=drafting, mask_token_id=target.config.vocab_size - 1)
     if draft_vocab is not None:
         beagle["draft_vocab_size"] = len(draft_vocab)
     cfg = BeagleConfig.from_target(target.config.to_dict(), verifier=verifier, **beagle)

@@ -47,6 +47,13 @@ def beagle_config_from_vllm(vllm_config: VllmConfig) -> tuple[BeagleConfig, str]
             f"--speculative-config (or --spec-method {cfg.method}); vLLM guesses the method from the folder "
             "name only when it contains 'eagle-' or 'eagle3'.",
         )
+    if cfg.drafting == "parallel" and not spec.parallel_drafting:
+        # The other way round vLLM refuses by itself: a chain draft has no mask_token_id for its parallel drafter.
+        raise CheckpointError(
+            checkpoint,
+            "the draft drafts in parallel (one forward per round), which needs vLLM's parallel drafting; pass "
+            "\"parallel_drafting\": true in --speculative-config (beagle serve sets it from the checkpoint).",
+        )
     if cfg.kv_mode == "true_states" and vllm_config.use_v2_model_runner:
         # V2 builds draft-step metadata with the backend's plain build(), so the backend could not
         # tell a draft step from the first pass, and draft steps would see the draft's own K/V.
@@ -117,6 +124,12 @@ class EagleBeagleLlamaForCausalLM(nn.Module):
         # vLLM replaces the embedding and LM head with the target's unless the checkpoint had its own.
         self.has_own_embed_tokens = False
         self.has_own_lm_head = False
+
+    @property
+    def mask_hidden(self) -> torch.Tensor:
+        """A parallel draft's placeholder state, which vLLM's parallel drafter copies once the weights are loaded
+        (through combine_hidden_states for eagle3) and feeds as the state of every mask row."""
+        return self.model.block.mask_hidden
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)

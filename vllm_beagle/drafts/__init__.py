@@ -34,5 +34,8 @@ def speculative_config(name: str, k: int) -> dict:
     from ..checkpoint import is_beagle_checkpoint, read_config
 
     path = os.path.abspath(draft_path(name))
-    method = read_config(path).method if is_beagle_checkpoint(path) else "eagle"
-    return {"method": method, "model": path, "num_speculative_tokens": k}
+    if not is_beagle_checkpoint(path):
+        return {"method": "eagle", "model": path, "num_speculative_tokens": k}
+    cfg = read_config(path)
+    spec = {"method": cfg.method, "model": path, "num_speculative_tokens": k}
+    return spec | ({"parallel_drafting": True} if cfg.drafting == "parallel" else {})

@@ -45,7 +45,7 @@ def offline_acceptance(draft: Draft, data: ShardSet, k: int, max_sequences: int 
         if within is not None and starts:
             starts = [n for n in starts if n - starts[0] < within]
         for n in starts:
-            drafts, _ = draft.draft_chain(tokens[:n + 1], states[:n], k)
+            drafts, _ = draft.propose(tokens[:n + 1], states[:n], k)
             for i in range(accepted_prefix(drafts, tokens[n + 1:n + 1 + k].tolist())):
                 accepted[i] += 1
             rounds += 1

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..outputs import atomic_path
 from ..reference import Draft
 from .evaluate import offline_acceptance
-from .objective import LossConfig, option, stage1_loss, stage2_losses, teacher_forced_loss
+from .objective import LossConfig, option, parallel_loss, stage1_loss, stage2_losses, teacher_forced_loss
 from .shards import ShardSet
 
 STATE_FILE = "train_state.pt"
@@ -193,6 +193,8 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
 def _stage_name(draft: Draft, epoch: int, cfg: TrainConfig) -> str:
     if draft.arch == "eagle":
         return "teacher_forced"
+    if draft.cfg.drafting == "parallel":
+        return "parallel"
     return "stage1" if epoch < cfg.stage1_epochs else "stage2"
 
 
@@ -232,6 +234,8 @@ def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator
     """The losses of one step, to be backpropagated one by one (stage 2 keeps one step's activations)."""
     if draft.arch == "eagle":  # EAGLE-1's own recipe, for as many epochs as both of Beagle's stages
         yield teacher_forced_loss(draft, batch, cfg.loss, noise)
+    elif draft.cfg.drafting == "parallel":  # every epoch: nothing is fed back, so there is no stage 2
+        yield parallel_loss(draft, batch, cfg.window, offset, cfg.loss, noise)
     elif epoch < cfg.stage1_epochs:
         yield stage1_loss(draft, batch, cfg.window, offset, cfg.loss, noise, flex)
     else:

@@ -14,6 +14,11 @@ Stage 2 (training-time simulation): the keys are [T true states | T predicted-st
 the predicted state at position p + 1, is written into slot p + 1, and at step i + 1 the rows of the
 window also see the slots s < r <= min(p, s + i). That is what concat-mode draft steps see.
 
+Parallel drafting (one forward per round): the row at window position m >= 1 carries the mask token
+and its key/value slot holds the draft's placeholder state; it sees the true keys j <= s and the
+placeholder slots s < r <= p of its own window, as vLLM's mask rows see the true rows and the mask rows
+up to their own. Window position 0 is the ordinary first draft step.
+
 Every row of both stages sees a prefix of the true keys and, in stage 2, a run of predicted slots:
 keys j <= true_end and slots_start < j <= slots_end (key indices, the slots numbered after the true keys).
 The masks are these three bounds per query, so one definition serves both attention paths: compared with
@@ -85,6 +90,22 @@ def stage2(num_rows: int, window: int, offset: int, step: int, rows: torch.Tenso
     rows = torch.arange(num_rows, device=device) if rows is None else rows
     start = _start(rows, window, offset)
     return Visibility(2 * num_rows, start, num_rows + start, num_rows + torch.minimum(rows, start + step - 1))
+
+
+def parallel(num_rows: int, window: int, offset: int, device=None) -> Visibility:
+    """Parallel drafting, keys [T true states | T placeholder slots]: row p sees true key j iff j <= start(p)
+    and slot r iff start(p) < r <= p."""
+    _check(window, offset)
+    rows = torch.arange(num_rows, device=device)
+    start = _start(rows, window, offset)
+    return Visibility(2 * num_rows, start, num_rows + start, num_rows + rows)
+
+
+def mask_rows(num_rows: int, window: int, offset: int, device=None) -> torch.Tensor:
+    """[num_rows] bool: the rows that carry the mask token in parallel drafting (window position >= 1)."""
+    _check(window, offset)
+    rows = torch.arange(num_rows, device=device)
+    return rows != _start(rows, window, offset)
 
 
 def exact_rows(num_rows: int, window: int, offset: int, step: int, device=None) -> torch.Tensor:

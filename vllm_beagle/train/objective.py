@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reference import Draft, ReferenceDraft
-from .masks import block_mask, exact_rows, stage1, stage2
+from .masks import block_mask, exact_rows, mask_rows, parallel, stage1, stage2
 from .shards import TrainBatch
 
 
@@ -91,6 +91,28 @@ def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: i
     predicted = draft(batch.tokens[:, 1:], rows, draft.combine(_noisy_states(batch, cfg, generator)), rows,
                       visible=visible)
     return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
+
+
+def parallel_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Parallel drafting's objective: one forward pass, every supervised row contributes. It is the whole of a
+    parallel draft's training, which feeds nothing back to simulate."""
+    predicted = parallel_predictions(draft, batch, window, offset, cfg, generator)
+    return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
+
+
+def parallel_predictions(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, R, H]: stage 1's windows, the rows after each window's first carrying the mask token and attending to
+    the placeholder states of the rows before them in the window (masks.parallel)."""
+    num_rows, device = batch.num_rows, batch.tokens.device
+    rows = torch.arange(num_rows, device=device)
+    tokens = torch.where(mask_rows(num_rows, window, offset, device), draft.cfg.mask_token_id, batch.tokens[:, 1:])
+    true_keys = draft.combine(_noisy_states(batch, cfg, generator))
+    placeholders = draft.combine(draft.block.mask_hidden).to(true_keys.dtype).expand_as(true_keys)
+    keys = torch.cat([true_keys, placeholders], dim=1)
+    visible = parallel(num_rows, window, offset, device).dense()
+    return draft(tokens, rows, keys, torch.cat([rows, rows]), visible=visible)
 
 
 def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, steps: int, cfg: LossConfig,

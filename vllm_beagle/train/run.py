@@ -27,6 +27,8 @@ class TrainJob:
     out: str  # checkpoint folder to write
     arch: str = "beagle"
     kv_mode: str = "concat"
+    drafting: str = "chain"
+    mask_token_id: int | None = None  # None: new_draft's default for parallel drafting
     draft_vocab: int | None = None  # None: draft_vocab.default_size
     state: str | None = None  # None: the shards' own
     data_fraction: float = 1.0
@@ -50,9 +52,13 @@ def check_job(job: TrainJob, cfg: TrainConfig) -> None:
     """ValueError for options that cannot work, before anything is loaded."""
     from .new_draft import check_options
 
-    check_options(job.arch, job.kv_mode, job.draft_vocab or 0)
+    check_options(job.arch, job.kv_mode, job.draft_vocab or 0, job.drafting, job.mask_token_id)
     device = resolve_device(job.device)
-    uses_flex(cfg.attention, device)
+    if uses_flex(cfg.attention, device) and job.drafting == "parallel":
+        raise ValueError("--drafting parallel trains through dense attention only: drop --attention flex")
+    if job.drafting == "parallel" and cfg.stage2_epochs:
+        raise ValueError("--drafting parallel feeds no draft step back, so there is no stage 2 to simulate: "
+                         "pass --stage2-epochs 0 (and as many --stage1-epochs as you want epochs)")
     if not 0 < job.data_fraction <= 1:
         raise ValueError(f"--data-fraction must be in (0, 1], got {job.data_fraction}")
     if job.tf32 and torch.device(device).type != "cuda":
@@ -96,7 +102,8 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     data = ShardSet(job.data, vocab_size, state)
     data.keep_fraction(job.data_fraction)
     heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
-    draft, facts = new_draft(target, data, job.arch, job.kv_mode, draft_vocab, cfg.seed)
+    draft, facts = new_draft(target, data, job.arch, job.kv_mode, draft_vocab, cfg.seed, job.drafting,
+                             job.mask_token_id)
     if draft_vocab:
         print(f"beagle train: draft vocabulary of {draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
@@ -106,7 +113,8 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     prepare_output_dir(work_dir, 2 * state_bytes, "the training state")
     prepare_output_dir(os.path.dirname(os.path.abspath(job.out)), state_bytes, "the checkpoint")
     identity = run_identity(cfg, data, target=fingerprint(job.target), arch=job.arch, state=data.state,
-                            kv_mode=job.kv_mode, draft_vocab=draft_vocab)
+                            kv_mode=job.kv_mode, draft_vocab=draft_vocab, drafting=job.drafting,
+                            mask_token_id=draft.cfg.mask_token_id)
     # One lock per run: under torchrun every rank trains, and rank 0 holds the folder and writes.
     rank = int(os.environ.get("RANK", "0"))
     with exclusive(work_dir, "the training folder") if rank == 0 else contextlib.nullcontext():
