@@ -5,8 +5,9 @@ plain decoding, all measured in one run (one engine after another, batch 1).
                                     [--drafts beagle eagle-baseline ngram] [--max-tokens 128]
                                     [--json results.json] [--plot acceptance.png]
 
-Prints a Markdown table (tau, per-position acceptance, output tokens/s, speed-up over plain decoding,
-greedy outputs identical) and draws per-position acceptance per draft and K into a PNG. Defaults: the
+Prints a Markdown table (tau, per-position acceptance, output tokens/s, speed-up over plain decoding, what
+a round costs in plain decoding steps (tau / speed-up: the draft's forwards and the verification of K + 1
+tokens together), greedy outputs identical) and draws per-position acceptance per draft and K into a PNG. Defaults: the
 embedded SmolLM2-135M-Instruct and the two shipped drafts. On the CPU machines the speed-ups are ratios
 measured in the same run; absolute tokens/s mean little there.
 """
@@ -50,15 +51,17 @@ def main() -> int:
         table[temperature] = summarize(results)
     mode = "eager" if args.eager else "compiled"
     print(f"\n{len(prompts)} {args.prompts} prompts, up to {args.max_tokens} new tokens, batch 1, vLLM {mode}\n")
-    print("| temperature | drafting | tau | per-position acceptance | tokens/s | speed-up | identical outputs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| temperature | drafting | tau | per-position acceptance | tokens/s | speed-up | round (plain steps) "
+          "| identical outputs |")
+    print("|---|---|---|---|---|---|---|---|")
     for temperature, rows in table.items():
         for name, r in rows.items():
             rates = " / ".join(f"{x:.2f}" for x in r.get("per_position", []))
             tau = f"{r['tau']:.2f}" if "tau" in r else "-"
+            cost = f"{r['tau'] / r['speedup']:.2f}" if "tau" in r else "1.00"
             same = f"{r['identical_outputs']}/{r['prompts']}" if temperature == 0 else "-"
             print(f"| {temperature:g} | {name} | {tau} | {rates or '-'} | {r['tokens_per_s']:.1f} | "
-                  f"{r['speedup']:.2f}x | {same} |")
+                  f"{r['speedup']:.2f}x | {cost} | {same} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"target": target_name(target), "prompts": args.prompts, "num_prompts": len(prompts),

@@ -1,6 +1,7 @@
 """Offline acceptance of draft checkpoints on held-out shards: the figure `beagle train` logs after every
-epoch (greedy chain drafting of K tokens from the true context, a round every 8th response position),
-for any Beagle or EAGLE-1 checkpoint and as many held-out sequences as wanted, without vLLM.
+epoch (greedy drafting of K tokens, chain or parallel as the draft drafts, from the true context, a round
+every 8th response position), for any Beagle or EAGLE-1 checkpoint and as many held-out sequences as
+wanted, without vLLM.
 
     python benchmarks/offline_acceptance.py --data data-smollm2/heldout [--target DIR] [--k 3]
                                             [--sequences 40] [--within N] [--json F] DRAFT [DRAFT ...]

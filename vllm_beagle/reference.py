@@ -1,4 +1,4 @@
-"""The pure-PyTorch reference Beagle draft, the target states it reads, and greedy chain drafting.
+"""The pure-PyTorch reference Beagle draft, the target states it reads, and greedy drafting (chain and parallel).
 
 This is the model the trainer trains and the yardstick the vLLM model is held to: the same weights
 and inputs must give the same draft tokens here and inside vLLM. No vLLM import.

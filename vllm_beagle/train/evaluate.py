@@ -1,4 +1,5 @@
-"""Held-out acceptance, computed offline: what greedy chain drafting with K tokens would reach.
+"""Held-out acceptance, computed offline: what greedy drafting of K tokens (chain or parallel, as the draft
+drafts) would reach.
 
 The held-out shards hold the target's own greedy responses, so the tokens that follow a position are
 exactly what the target would verify there: drafting from the true context at a response position

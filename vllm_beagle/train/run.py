@@ -122,8 +122,10 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     if rank != 0:
         return False
     evaluation = last_evaluation(work_dir)
-    # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied.
+    # EAGLE-1 trains teacher-forced: the block-attention window, simulation steps and mask attention never applied;
+    # a parallel draft simulates nothing.
     unused = {"loss"} | ({"window", "sim_steps", "attention"} if job.arch == "eagle" else set())
+    unused |= {"sim_steps"} if job.drafting == "parallel" else set()
     # What a reader can use: the data folders as given and what they hold (the fingerprint the identity
     # already read the shards for), never this machine's paths.
     draft.cfg.training = {"arch": job.arch, "data": job.data, "data_fingerprint": identity["data"],
