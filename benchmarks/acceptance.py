@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from vllm_beagle.compare import chat_token_ids, run_engines, summarize
@@ -46,7 +47,9 @@ def main() -> int:
     table = {}
     for temperature in args.temperatures:
         specs = {"plain": None}
-        specs.update({f"{d}, K = {k}": speculative_config(d, k) for k in args.ks for d in args.drafts})
+        # A checkpoint folder is named by its folder's name: a path of this machine means nothing elsewhere.
+        specs.update({f"{os.path.basename(os.path.normpath(d))}, K = {k}": speculative_config(d, k)
+                      for k in args.ks for d in args.drafts})
         results = run_engines(target, specs, prompts, args.max_tokens, temperature, eager=args.eager)
         table[temperature] = summarize(results)
     mode = "eager" if args.eager else "compiled"
