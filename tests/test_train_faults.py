@@ -98,8 +98,14 @@ def test_a_second_run_on_a_training_folder_is_refused_and_the_first_ends_as_it_w
         lock = os.path.join(out + ".train", ".lock")
         while first.poll() is None and not (os.path.exists(lock) and open(lock).read().strip()):
             time.sleep(0.01)
-        second = subprocess.run(train_command(toy, shards, out), capture_output=True, text=True, timeout=300)
-        assert first.poll() is None, "the first run ended before the second could meet it"
+        # A toy run can end before a second process has imported torch: pause the first while it holds the
+        # lock (a stopped process keeps its flock), so the two always meet; it goes on once refused.
+        assert first.poll() is None, "the first run ended before it held the training folder"
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = subprocess.run(train_command(toy, shards, out), capture_output=True, text=True, timeout=300)
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert second.returncode != 0 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert f"the training folder {out}.train is in use by process {first.pid}" in second.stderr, second.stderr
         _, errors = first.communicate(timeout=600)
