@@ -1,6 +1,7 @@
 """The training data's pieces, without vLLM: the response store (every prompt rebuilt exactly, settings
 held to), turns chained into sequences, evaluation prompts kept out, fused shards that also serve
-drafts of the final state, and shards of a file's own answers."""
+drafts of the final state, shards of a file's own answers, and a generation interrupted between chunk
+writes keeping what it finished."""
 
 import json
 import lzma
@@ -43,6 +44,45 @@ def test_a_damaged_chunk_is_refused_by_name(tmp_path):
         f.write(data[:len(data) // 2])
     with pytest.raises(StoreError, match=f"response chunk {chunk} is damaged"):
         store.dialogues()
+
+
+def test_an_interrupted_generation_keeps_every_finished_conversation(toy, tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which `beagle data` turns into it) between chunk writes: the conversations
+    finished before it are written, the one still being answered is not. A stand-in engine answers one
+    request per step and is interrupted at the fourth, so no vLLM engine starts."""
+    from types import SimpleNamespace
+
+    from vllm_beagle import offline
+    from vllm_beagle.train import responses
+
+    class Engine:
+        def __init__(self):
+            self.queue, self.steps = [], 0
+
+        def add_request(self, request_id, prompt, params, priority):
+            self.queue.append((request_id, prompt["prompt_token_ids"]))
+
+        def step(self):
+            self.steps += 1
+            if self.steps == 4:
+                raise KeyboardInterrupt
+            request_id, prompt = self.queue.pop(0)
+            return [SimpleNamespace(finished=True, request_id=request_id, prompt_token_ids=prompt,
+                                    outputs=[SimpleNamespace(token_ids=[5, 6])])]
+
+    monkeypatch.setattr(offline, "make_llm", lambda *a, **k: SimpleNamespace(llm_engine=Engine()))
+    monkeypatch.setattr(offline, "shutdown", lambda llm: None)
+    tokenizer = AutoTokenizer.from_pretrained(toy["target_dir"])
+    # Conversation 1 has a second turn, asked after its first answer: unfinished at the interrupt.
+    conversations = [responses.Conversation(0, 0, ["a"]), responses.Conversation(1, 1, ["b", "c"]),
+                     responses.Conversation(2, 2, ["d"]), responses.Conversation(3, 3, ["e"])]
+    store = ResponseStore(str(tmp_path / "store"))
+    store.claim({"target": "toy"})
+    with pytest.raises(KeyboardInterrupt):
+        responses.generate(toy["target_dir"], store, conversations, tokenizer, max_prompt_len=64,
+                           max_new_tokens=2, dtype="float32", eager=True, max_num_seqs=1, progress=False)
+    assert [d.index for d in store.dialogues()] == [0, 2]
+    assert all(answer == [5, 6] for d in store.dialogues() for _, answer in d.turns)
 
 
 def test_turns_that_chain_make_one_sequence_with_every_answer_supervised():

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 from .local_server import SERVER_MODULE
@@ -175,6 +176,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .train.responses import StoreError
 
     state = None if args.state == "none" else args.state
+    # A job manager's SIGTERM ends the run as Ctrl-C does, keeping the answers finished so far.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         check_options(args.turns, args.num_prompts, args.shard_size, args.max_prompt_len, args.max_new_tokens,
                       args.max_num_seqs, args.heldout)
@@ -191,6 +194,10 @@ def cmd_data(args: argparse.Namespace) -> int:
                                 args.answers)
     except (FileNotFoundError, ValueError, OutputError, StoreError) as e:
         raise SystemExit(f"beagle data: {e}") from None
+    except KeyboardInterrupt:
+        print("beagle data: interrupted; what was finished is kept, and the same command goes on from there",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     return 0
 

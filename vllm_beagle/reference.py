@@ -157,12 +157,14 @@ class ReferenceDraft(Draft):
 class TargetOutput(NamedTuple):
     states: torch.Tensor  # what the draft reads
     final: torch.Tensor  # the final post-norm states (equal to `states` for method eagle)
-    logits: torch.Tensor
+    logits: torch.Tensor | None
 
 
 @torch.no_grad()
-def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> TargetOutput:
-    """The states, final states and logits of an HF causal LM over `ids` ([T] or [B, T]).
+def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig, logits: bool = True) -> TargetOutput:
+    """The states, final states and (unless `logits` is False) logits of an HF causal LM over `ids` ([T] or
+    [B, T]). Without logits, extraction skips the LM head: a fifth of a small target's work, and a
+    [T, vocab] tensor.
 
     final_norm: the draft reads the last, post-norm hidden state (vLLM `method: eagle`). layer l: the
     pre-norm residual after decoder layer l-1, l = 0 being the embedding output (vLLM `method: eagle3`
@@ -183,8 +185,8 @@ def target_states(target: nn.Module, ids: torch.Tensor, cfg: BeagleConfig) -> Ta
         for hook in hooks:
             hook.remove()
     states = torch.cat([captured[layer] for layer in cfg.aux_layers], dim=-1) if cfg.aux_layers else final
-    out = TargetOutput(states, final, target.lm_head(final))
-    return out if batched else TargetOutput(*(t[0] for t in out))
+    out = TargetOutput(states, final, target.lm_head(final) if logits else None)
+    return out if batched else TargetOutput(*(None if t is None else t[0] for t in out))
 
 
 def accepted_prefix(drafts: list[int], verified: list[int]) -> int:

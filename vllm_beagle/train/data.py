@@ -208,7 +208,7 @@ def _write_states(target, cfg: BeagleConfig, sequences: list[tuple[list[int], li
     ids, masks, states, finals = [], [], [], []
     for token_ids, loss_mask in sequences:
         token_ids = torch.tensor(token_ids)
-        out = target_states(target, token_ids, cfg)
+        out = target_states(target, token_ids, cfg, logits=False)
         ids.append(token_ids)
         masks.append(torch.tensor(loss_mask))
         states.append(out.states)

@@ -199,8 +199,8 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
     batch at once, so the engine always has `max_num_seqs` sequences to decode. Earlier conversations
     go first (vLLM's priority scheduling, by index), so that the finished ones stay close to a prefix of
     the order, which is what shards of consecutive conversations wait for. Finished conversations
-    are written `chunk_size` at a time, or after `chunk_seconds` at most, so that an interruption loses
-    little more than the conversations still being answered.
+    are written `chunk_size` at a time, or after `chunk_seconds` at most, and when the run is interrupted,
+    so that an interruption loses only the conversations still being answered.
     """
     done = {d.index for d in store.dialogues()}
     todo = iter([c for c in conversations if c.index not in done])
@@ -247,27 +247,34 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
 
     while len(active) < 2 * max_num_seqs and admit():
         pass
-    while active:
-        for output in engine.step():
-            if not output.finished:
-                continue
-            conversation, messages, dialogue = active.pop(output.request_id)
-            answer = list(output.outputs[0].token_ids)
-            tokens += len(answer)
-            dialogue.turns.append((list(output.prompt_token_ids), answer))
-            messages.append({"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)})
-            if not ask(conversation, messages, dialogue):
-                finished.append(dialogue)
-                bar.update(1)
-                bar.set_postfix(answer_tokens=tokens, tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-                while len(active) < 2 * max_num_seqs and admit():
-                    pass
-        if finished and (len(finished) >= chunk_size or not active
-                         or time.monotonic() - written >= chunk_seconds):
+    try:
+        while active:
+            for output in engine.step():
+                if not output.finished:
+                    continue
+                conversation, messages, dialogue = active.pop(output.request_id)
+                answer = list(output.outputs[0].token_ids)
+                tokens += len(answer)
+                dialogue.turns.append((list(output.prompt_token_ids), answer))
+                messages.append({"role": "assistant",
+                                 "content": tokenizer.decode(answer, skip_special_tokens=True)})
+                if not ask(conversation, messages, dialogue):
+                    finished.append(dialogue)
+                    bar.update(1)
+                    bar.set_postfix(answer_tokens=tokens,
+                                    tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+                    while len(active) < 2 * max_num_seqs and admit():
+                        pass
+            if finished and (len(finished) >= chunk_size or not active
+                             or time.monotonic() - written >= chunk_seconds):
+                store.append(finished)
+                finished = []
+                written = time.monotonic()
+    finally:
+        # Interrupted (Ctrl-C, or SIGTERM, which `beagle data` turns into the same): keep what is finished.
+        if finished:
             store.append(finished)
-            finished = []
-            written = time.monotonic()
-    bar.close()
+        bar.close()
     shutdown(llm)
 
 
