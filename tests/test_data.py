@@ -162,6 +162,26 @@ def test_the_files_own_answers_make_shards_without_generating(toy, tmp_path):
     assert told == {0, 1, 2}
 
 
+def test_states_made_in_bfloat16_are_near_the_float32_ones_and_never_mixed_with_them(toy, tmp_path):
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"Tell me about {i}"},
+                                                {"from": "gpt", "value": f"Here is {i}, at length."}]}
+               for i in range(2)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(records))
+
+    def states(out, dtype):
+        build_dataset(toy["target_dir"], str(out), state="fused:0,1,2", dataset=str(path), shard_size=1,
+                      answers="dataset", state_dtype=dtype, progress=False)
+        return [s["states"].float() for s in ShardSet(str(out / "train")).sequences]
+
+    exact, rounded = states(tmp_path / "fp32", "float32"), states(tmp_path / "bf16", "bfloat16")
+    for a, b in zip(exact, rounded, strict=True):
+        error = ((a - b).pow(2).mean() / a.pow(2).mean()).sqrt()
+        assert 0 < error < 0.01, error  # bf16 was used, and it stays close
+    with pytest.raises(ValueError, match="state_dtype differ"):
+        states(tmp_path / "fp32", "bfloat16")
+
+
 def test_shards_of_several_folders_read_as_one_set_and_keep_a_fraction_of_each(toy, tmp_path):
     target = toy["target"]
     cfg = BeagleConfig.from_target(target.config.to_dict(), **state_fields("final_norm"))

@@ -98,7 +98,7 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
                   responses: str | None = None, num_prompts: int | None = None, max_prompt_len: int = 1024,
                   max_new_tokens: int = 512, heldout: int = 0, shard_size: int = 64, turns: int = 1, seed: int = 0,
                   dtype: str = "float32", eager: bool = False, max_num_seqs: int = 256, generate: bool = True,
-                  answers: str = "target", progress: bool = True) -> dict:
+                  answers: str = "target", state_dtype: str = "float32", progress: bool = True) -> dict:
     """Conversations (user turns of a ShareGPT file) -> the target's answers (greedy, vLLM) -> shards.
 
     Every usable conversation of the file is taken in a seeded random order (`responses.py`; never one
@@ -112,6 +112,7 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     so a store that grows gains shards without the old ones being made again. With `answers` "dataset"
     the file's own assistant turns are the answers instead (own_answers.py: nothing is generated, no
     store is read, a conversation ends where it would pass max_prompt_len + max_new_tokens tokens).
+    The HF target computes the states in `state_dtype`.
     Returns (and writes to OUT/summary.json) what was read, skipped, answered and sharded.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -158,7 +159,7 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     if cfg is not None:
         from transformers import AutoModelForCausalLM
 
-        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, state_dtype)).eval()
         # What the shards' answers are: the store's manifest, or the file and settings of its own answers.
         store_id = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
         with exclusive(out, "the data folder"):
@@ -166,7 +167,7 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
                 if end > first:
                     summary[name] = write_conversation_shards(target, cfg, dialogues, first, end, shard_size,
                                                               os.path.join(out, name), store_id, progress)
-        summary["state"] = state_name(cfg)
+        summary["state"], summary["state_dtype"] = state_name(cfg), state_dtype
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "summary.json"), summary)
     return summary
@@ -179,8 +180,9 @@ def write_conversation_shards(target, cfg: BeagleConfig, dialogues: dict[int, Di
     `per_shard` of them, none past `end`). Shards already on disk for the same range are kept; a shard
     whose conversations are not all answered yet is left for a later run. Returns the counts."""
     os.makedirs(out_dir, exist_ok=True)
-    _claim(out_dir, {"state": state_name(cfg), "conversations_per_shard": per_shard, "first": first,
-                     "responses": store_id})
+    dtype = str(target.dtype).removeprefix("torch.")  # what the states were computed in
+    _claim(out_dir, {"state": state_name(cfg), "state_dtype": dtype, "conversations_per_shard": per_shard,
+                     "first": first, "responses": store_id})
     ranges = [(lo, min(lo + per_shard, end)) for lo in range(first, end, per_shard)]
     ready = [(k, lo, hi) for k, (lo, hi) in enumerate(ranges) if all(i in dialogues for i in range(lo, hi))]
     todo = [(k, lo, hi) for k, lo, hi in ready if shard_range(_shard_path(out_dir, k)) != (lo, hi)]
