@@ -36,8 +36,8 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
     same way (`MANIFEST` records what the folder's shards hold; anything else is refused).
     """
     os.makedirs(out_dir, exist_ok=True)
-    _claim(out_dir, {"state": state_name(cfg), "shard_size": shard_size, "sequences": len(sequences),
-                     "sha256": hashlib.sha256(json.dumps(sequences).encode()).hexdigest()})
+    _claim(out_dir, target, cfg, {"shard_size": shard_size, "sequences": len(sequences),
+                                  "sha256": hashlib.sha256(json.dumps(sequences).encode()).hexdigest()})
     num_shards = -(-len(sequences) // shard_size)
     tokens = sum(len(ids) for ids, _ in sequences)
     with tqdm(total=tokens, desc="target states", unit="tok", unit_scale=True, disable=not progress) as bar:
@@ -50,8 +50,10 @@ def write_examples(target, cfg: BeagleConfig, sequences: list[tuple[list[int], l
     return num_shards
 
 
-def _claim(out_dir: str, manifest: dict) -> None:
-    """Record what `out_dir`'s shards hold, or refuse if it already holds shards of something else."""
+def _claim(out_dir: str, target, cfg: BeagleConfig, sharding: dict) -> None:
+    """Record what `out_dir`'s shards hold (which state, computed in which dtype, of what, sharded how), or
+    refuse if it already holds shards of something else."""
+    manifest = {"state": state_name(cfg), "state_dtype": str(target.dtype).removeprefix("torch."), **sharding}
     path = os.path.join(out_dir, MANIFEST)
     saved = None
     if os.path.exists(path):
@@ -180,9 +182,7 @@ def write_conversation_shards(target, cfg: BeagleConfig, dialogues: dict[int, Di
     `per_shard` of them, none past `end`). Shards already on disk for the same range are kept; a shard
     whose conversations are not all answered yet is left for a later run. Returns the counts."""
     os.makedirs(out_dir, exist_ok=True)
-    dtype = str(target.dtype).removeprefix("torch.")  # what the states were computed in
-    _claim(out_dir, {"state": state_name(cfg), "state_dtype": dtype, "conversations_per_shard": per_shard,
-                     "first": first, "responses": store_id})
+    _claim(out_dir, target, cfg, {"conversations_per_shard": per_shard, "first": first, "responses": store_id})
     ranges = [(lo, min(lo + per_shard, end)) for lo in range(first, end, per_shard)]
     ready = [(k, lo, hi) for k, (lo, hi) in enumerate(ranges) if all(i in dialogues for i in range(lo, hi))]
     todo = [(k, lo, hi) for k, lo, hi in ready if shard_range(_shard_path(out_dir, k)) != (lo, hi)]
