@@ -87,7 +87,8 @@ def plot(table: dict, path: str) -> None:
             if r.get("per_position"):
                 ax.plot(range(1, len(r["per_position"]) + 1), r["per_position"], marker="o",
                         label=f"{name} (tau {r['tau']:.2f})")
-        ax.set(title=f"temperature {temperature:g}", xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1))
+        ax.set(title=f"temperature {temperature:g}", xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1),
+               xticks=range(1, 1 + max((len(r.get("per_position", [])) for r in rows.values()), default=0)))
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
