@@ -1,7 +1,7 @@
 """Ablations of Beagle drafts on one data set, in one table: each variant is `beagle train` with its own
 options on the same shards (and the same recipe otherwise), then its offline tau on the same held-out
 shards, and in one vLLM run its tau, per-position acceptance and speed-up on the same prompts, beside
-plain decoding and n-gram drafting.
+plain decoding (first and last, speed-ups over the mean of the two) and n-gram drafting.
 
     python benchmarks/ablation.py --data DATA/train [--heldout DATA/heldout] [--work ablation]
         [--variants top fused fused-noreg fused@0.25 ...] [--k 3] [--prompts mtbench] [--num-prompts 16]
@@ -26,7 +26,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from vllm_beagle.compare import chat_token_ids, run_engines, summarize
+from vllm_beagle.compare import PLAIN, PLAIN_AGAIN, bookended, chat_token_ids, run_engines, summarize
 from vllm_beagle.drafts import speculative_config
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.schema import CONFIG_FILE, state_name
@@ -119,8 +119,8 @@ def main() -> int:
         rows[spec] = {"checkpoint": path, "offline": offline, "sequences": training.get("sequences"),
                       "stats": training.get("stats")}
     prompts = chat_token_ids(args.target, load_prompts(args.prompts, args.num_prompts))
-    specs = {"plain": None, "ngram": speculative_config("ngram", args.k)}
-    specs.update({spec: speculative_config(path, args.k) for spec, path in drafts.items()})
+    specs = bookended({"ngram": speculative_config("ngram", args.k),
+                       **{spec: speculative_config(path, args.k) for spec, path in drafts.items()}})
     measured = summarize(run_engines(args.target, specs, prompts, args.max_tokens, eager=args.eager))
     mode = "eager" if args.eager else "compiled"
     print(f"\n{len(prompts)} {args.prompts} prompts, {args.max_tokens} new tokens, K = {args.k}, greedy, batch 1, "
@@ -140,8 +140,8 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"data": args.data, "heldout": args.heldout, "k": args.k,
                        "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-                       "eager": args.eager, "options": options, "plain": measured["plain"],
-                       "ngram": measured["ngram"], "variants": rows}, f, indent=2)
+                       "eager": args.eager, "options": options, "plain": measured[PLAIN],
+                       "plain_again": measured[PLAIN_AGAIN], "ngram": measured["ngram"], "variants": rows}, f, indent=2)
     return 0
 
 

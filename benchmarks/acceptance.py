@@ -7,9 +7,11 @@ plain decoding, all measured in one run (one engine after another, batch 1).
 
 Prints a Markdown table (tau, per-position acceptance, output tokens/s, speed-up over plain decoding, what
 a round costs in plain decoding steps (tau / speed-up: the draft's forwards and the verification of K + 1
-tokens together), greedy outputs identical) and draws per-position acceptance per draft and K into a PNG. Defaults: the
-embedded SmolLM2-135M-Instruct and the two shipped drafts. On the CPU machines the speed-ups are ratios
-measured in the same run; absolute tokens/s mean little there.
+tokens together), greedy outputs identical) and draws per-position acceptance per draft and K into a PNG.
+Defaults: the embedded SmolLM2-135M-Instruct and the two shipped drafts. On the CPU machines the speed-ups
+are ratios measured in the same run; absolute tokens/s mean little there. Plain decoding runs first and
+last: how far its two speeds lie apart says how much the machine drifted during the run, and speed-ups are
+over their mean.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 import sys
 
-from vllm_beagle.compare import chat_token_ids, run_engines, summarize
+from vllm_beagle.compare import bookended, chat_token_ids, run_engines, summarize
 from vllm_beagle.drafts import speculative_config
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.smollm2 import smollm2_dir
@@ -46,10 +48,9 @@ def main() -> int:
     prompts = chat_token_ids(target, load_prompts(args.prompts, args.num_prompts))
     table = {}
     for temperature in args.temperatures:
-        specs = {"plain": None}
         # A checkpoint folder is named by its folder's name: a path of this machine means nothing elsewhere.
-        specs.update({f"{os.path.basename(os.path.normpath(d))}, K = {k}": speculative_config(d, k)
-                      for k in args.ks for d in args.drafts})
+        specs = bookended({f"{os.path.basename(os.path.normpath(d))}, K = {k}": speculative_config(d, k)
+                           for k in args.ks for d in args.drafts})
         results = run_engines(target, specs, prompts, args.max_tokens, temperature, eager=args.eager)
         table[temperature] = summarize(results)
     mode = "eager" if args.eager else "compiled"

@@ -43,17 +43,27 @@ def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[i
     return results
 
 
-def summarize(results: dict[str, dict[str, Any]], plain: str = "plain") -> dict[str, dict[str, Any]]:
-    """Per engine: tau, per-position acceptance, output tokens/s, speed-up over `plain`, identical outputs."""
-    base = results[plain]
-    base_speed = base["num_output_tokens"] / base["seconds"]
+PLAIN, PLAIN_AGAIN = "plain", "plain, again"
+
+
+def bookended(specs: dict[str, dict | None]) -> dict[str, dict | None]:
+    """`specs` between two plain engines, first and last: a machine whose speed drifts during the run (the
+    CPU machines do) shows it as two plain speeds apart, and the speed-ups are taken over their mean."""
+    return {PLAIN: None, **specs, PLAIN_AGAIN: None}
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per engine: tau, per-position acceptance, output tokens/s, speed-up over plain decoding (the mean
+    speed of the plain engines present), outputs identical to the first plain engine's."""
+    plains = [results[name] for name in (PLAIN, PLAIN_AGAIN) if name in results]
+    base_speed = sum(r["num_output_tokens"] / r["seconds"] for r in plains) / len(plains)
     summary = {}
     for name, r in results.items():
         speed = r["num_output_tokens"] / r["seconds"]
         entry = {"tokens_per_s": speed, "speedup": speed / base_speed, "output_tokens": r["num_output_tokens"],
-                 "identical_outputs": sum(a == b for a, b in zip(r["outputs"], base["outputs"])),
+                 "identical_outputs": sum(a == b for a, b in zip(r["outputs"], plains[0]["outputs"])),
                  "prompts": len(r["outputs"])}
-        if name != plain:
+        if name not in (PLAIN, PLAIN_AGAIN):
             entry.update(tau=r["spec"]["tau"], per_position=r["spec"]["per_position_rate"],
                          num_drafts=r["spec"]["num_drafts"], num_accepted_tokens=r["spec"]["num_accepted_tokens"])
         summary[name] = entry
