@@ -191,7 +191,8 @@ def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_wit
     (["--draft-vocab", "1000000"], "draft_vocab_size must be between 1 and vocab_size 32000, got 1000000"),
     (["--window", "2", "--sim-steps", "3"], "sim_steps must be between 1 and window (2), got 3"),
     (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
-    (["--attention", "sparse"], "attention must be one of dense, flex, got 'sparse'"),
+    (["--attention", "sparse"], "argument --attention: invalid choice: 'sparse'"),
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--attention", "flex", "--device", "cpu"], "attention flex needs a CUDA device"),
     (["--tf32", "--device", "cpu"], "--tf32 needs a CUDA device"),
 ])

@@ -418,7 +418,7 @@ def add_train_command(sub) -> None:
 
     for field in _config_options(TrainConfig) + _config_options(LossConfig):
         tr.add_argument("--" + field.name.replace("_", "-"), type=type(field.default), default=field.default,
-                        help=f"{field.metadata['help']} (default {field.default})")
+                        choices=field.metadata["choices"], help=f"{field.metadata['help']} (default {field.default})")
     tr.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available); under torchrun "
                                                   "each process takes the GPU of its LOCAL_RANK")
     tr.add_argument("--tf32", action="store_true",

@@ -25,9 +25,10 @@ from .masks import block_mask, exact_rows, mask_rows, parallel, stage1, stage2
 from .shards import TrainBatch
 
 
-def option(default, help: str):
-    """A config field that `beagle train` offers as --name, with this help (the CLI reads both from here)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default, help: str, choices: tuple | None = None):
+    """A config field that `beagle train` offers as --name, with this help and these choices (the CLI reads
+    all three from here)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclasses.dataclass
