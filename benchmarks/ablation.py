@@ -40,6 +40,8 @@ VARIANTS = {
     "top-noreg": ["--state", "final_norm", "--regression-weight", "0"],
     "fused": [],
     "fused-noreg": ["--regression-weight", "0"],
+    # Beside common options that train in bf16: what bf16 costs, if anything.
+    "fused-noreg-fp32": ["--regression-weight", "0", "--precision", "fp32"],
     "eagle": ["--arch", "eagle"],
 }
 

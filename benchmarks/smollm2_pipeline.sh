@@ -11,29 +11,35 @@
 #    conversations and the first quarter of the training ones, in bfloat16 (README: same acceptance, 1.66x
 #    faster): about 4.6 kB a token, kept in WORK (never committed: they are made again from the store).
 # 3. Beagle variants on that quarter (top or fused states, with or without the state regression), each
-#    `beagle train` with the same recipe, then their offline tau on every held-out sequence and one vLLM run on
-#    16 MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py). It comes
-#    before the rest of the states so that its table (hours earlier) can settle what those are for.
+#    `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to show what bf16 costs),
+#    then their offline tau on every held-out sequence and one vLLM run on 16 MT-Bench first turns beside
+#    plain decoding and n-gram drafting (benchmarks/ablation.py). It comes before the rest of the states so
+#    that its table (hours earlier) can settle what those are for.
 # 4. The same states of every other answered conversation, into the same folder (50 GB in all).
 # What to train on all the data, and the data-size curve, follow from step 3's table.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-WORK=${1:-work/smollm2}
-PY=${PY:-.venv/bin/python}
-BEAGLE=(env HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4} "$PY" -m vllm_beagle.cli)
-TARGET=$("$PY" -c "from vllm_beagle.smollm2 import smollm2_dir; print(smollm2_dir())")
-# The store's settings (its manifest refuses any other), and which conversations are held out.
-DATA=(--responses data/smollm2-sharegpt --max-prompt-len 1024 --max-new-tokens 256 --turns 4 --heldout 100
-      --dtype bfloat16 --max-num-seqs 256)
-TRAIN=(--draft-vocab 8192 --window 3 --sim-steps 3 --stage1-epochs 2 --stage2-epochs 1 --batch-size 4
-       --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16)
+# The whole script is read before it runs (main, called on the last line): editing it while a run is under
+# way then changes nothing of that run.
+main() {
+    cd "$(dirname "$0")/.."
+    WORK=${1:-work/smollm2}
+    PY=${PY:-.venv/bin/python}
+    BEAGLE=(env HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4} "$PY" -m vllm_beagle.cli)
+    TARGET=$("$PY" -c "from vllm_beagle.smollm2 import smollm2_dir; print(smollm2_dir())")
+    # The store's settings (its manifest refuses any other), and which conversations are held out.
+    DATA=(--responses data/smollm2-sharegpt --max-prompt-len 1024 --max-new-tokens 256 --turns 4 --heldout 100
+          --dtype bfloat16 --max-num-seqs 256)
+    TRAIN=(--draft-vocab 8192 --window 3 --sim-steps 3 --stage1-epochs 2 --stage2-epochs 1 --batch-size 4
+           --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16 --precision bf16)
 
-"${BEAGLE[@]}" data "$TARGET" --out "$WORK/answers" "${DATA[@]}" --state none
-FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype bfloat16 --no-generate)
-USABLE=15902  # the store's conversations (its manifest), of which the first 100 are held out
-"${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 4))
-# Once its table is written the step is done: the folder's later growth must not retrain or re-measure it.
-[ -f "$WORK/ablation-quarter.json" ] || "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
-    --work "$WORK/drafts-quarter" --variants top top-noreg fused fused-noreg --offline-sequences 1000 \
-    --json "$WORK/ablation-quarter.json" -- "${TRAIN[@]}"
-"${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
+    "${BEAGLE[@]}" data "$TARGET" --out "$WORK/answers" "${DATA[@]}" --state none
+    FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype bfloat16 --no-generate)
+    USABLE=15902  # the store's conversations (its manifest), of which the first 100 are held out
+    "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 4))
+    # Once its table is written the step is done: the folder's later growth must not retrain or re-measure it.
+    [ -f "$WORK/ablation-quarter.json" ] || "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
+        --work "$WORK/drafts-quarter" --variants top top-noreg fused fused-noreg fused-noreg-fp32 \
+        --offline-sequences 1000 --json "$WORK/ablation-quarter.json" -- "${TRAIN[@]}"
+    "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
+}
+main "$@"

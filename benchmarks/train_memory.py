@@ -2,7 +2,7 @@
 of the EAGLE-1 baseline on the same batch.
 
     python benchmarks/train_memory.py [--hidden 576 --heads 9 --kv-heads 3 --vocab 49152 --batch 4 --seq 1024]
-                                      [--draft-vocab N] [--json FILE]
+                                      [--draft-vocab N] [--precision fp32 bf16] [--json FILE]
 
 A random draft and random target states of the given shape (SmolLM2-135M's by default) stand in for
 real data: memory and time do not depend on the values. On a GPU it reports torch's peak allocated
@@ -10,7 +10,8 @@ memory and the median step time (forward, per-step backward, optimizer step); on
 time. Stage 2 writes one predicted-state buffer in place and runs backward after every simulation
 step, so its peak memory should not grow with s. On a GPU Beagle runs twice: attention through SDPA
 with the dense block mask, and through FlexAttention with the same mask made block-sparse (the
-trainer's `--attention` choices; FlexAttention has no backward pass on CPU).
+trainer's `--attention` choices; FlexAttention has no backward pass on CPU). Each configuration runs at
+every `--precision` asked for (`beagle train --precision`: bf16 autocast of the forward).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from vllm_beagle.eagle import EagleDraft
 from vllm_beagle.reference import ReferenceDraft
 from vllm_beagle.schema import BeagleConfig
+from vllm_beagle.train.loop import backpropagate
 from vllm_beagle.train.objective import LossConfig, stage1_loss, stage2_losses, teacher_forced_loss
 from vllm_beagle.train.shards import TrainBatch
 
@@ -46,6 +48,8 @@ def main() -> int:
     parser.add_argument("--draft-vocab", type=int, default=0, help="Beagle's reduced draft vocabulary (0: full)")
     parser.add_argument("--tf32", action="store_true",
                         help="let fp32 matrix products and FlexAttention use TF32 tensor cores (GPU)")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                        help="beagle train's --precision, one row set per value (default fp32)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the rows to FILE")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,50 +72,53 @@ def main() -> int:
                        torch.ones(args.batch, args.seq, dtype=torch.bool, device=device))
     loss_cfg = LossConfig()
 
-    def step(kind, flex):
-        arch = "eagle" if kind == "eagle" else "beagle"
-        draft, optimizer = drafts[arch], optimizers[arch]
-        optimizer.zero_grad(set_to_none=True)
+    def losses(kind, flex):
+        draft = drafts["eagle" if kind == "eagle" else "beagle"]
         if kind == "eagle":
-            teacher_forced_loss(draft, batch, loss_cfg).backward()
+            yield teacher_forced_loss(draft, batch, loss_cfg)
         elif kind == "stage 1":
-            stage1_loss(draft, batch, args.window, 0, loss_cfg, flex=flex).backward()
+            yield stage1_loss(draft, batch, args.window, 0, loss_cfg, flex=flex)
         else:
-            for loss, _ in stage2_losses(draft, batch, args.window, 0, kind, loss_cfg, flex=flex):
-                loss.backward()
+            yield from (loss for loss, _ in stage2_losses(draft, batch, args.window, 0, kind, loss_cfg, flex=flex))
+
+    def step(kind, flex, precision):
+        optimizer = optimizers["eagle" if kind == "eagle" else "beagle"]
+        optimizer.zero_grad(set_to_none=True)
+        backpropagate(losses(kind, flex), torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"))
         optimizer.step()
 
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}; "
           f"draft hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, vocab {args.vocab} (Beagle drafts over "
-          f"{args.draft_vocab or args.vocab}); batch {args.batch} x {args.seq} positions, window {args.window}, "
-          f"fp32{' with TF32 matrix products' if args.tf32 else ''}\n")
-    print("| training | attention | peak memory (GiB) | step time (ms) | positions/s |\n|---|---|---|---|---|")
+          f"{args.draft_vocab or args.vocab}); batch {args.batch} x {args.seq} positions, window {args.window}"
+          f"{'; fp32 matrix products in TF32' if args.tf32 else ''}\n")
+    print("| training | attention | precision | peak memory (GiB) | step time (ms) | positions/s |\n"
+          "|---|---|---|---|---|---|")
     # FlexAttention has no backward pass on CPU.
     beagle_attention = ["dense", "flex"] if device == "cuda" else ["dense"]
     configs = [(kind, attention) for attention in beagle_attention for kind in ["stage 1", *range(1, args.window + 1)]]
     rows = []
-    with torch.enable_grad():
+    for precision in args.precision:
         for kind, attention in [*configs, ("eagle", "dense")]:
             flex = attention == "flex"
-            step(kind, flex)  # warm-up (and, for flex, compilation)
+            step(kind, flex, precision)  # warm-up (and, for flex, compilation)
             if device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             times = []
             for _ in range(args.runs):
                 start = time.perf_counter()
-                step(kind, flex)
+                step(kind, flex, precision)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) * 1e3)
             row = {"training": {"stage 1": "Beagle stage 1", "eagle": "EAGLE-1 baseline"}.get(
                        kind, f"Beagle stage 2, s = {kind}"),
-                   "attention": "causal SDPA" if kind == "eagle" else attention,
+                   "attention": "causal SDPA" if kind == "eagle" else attention, "precision": precision,
                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                    "step_ms": statistics.median(times)}
             rows.append(row)
             peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
-            print(f"| {row['training']} | {row['attention']} | {peak} | {row['step_ms']:.1f} | "
+            print(f"| {row['training']} | {row['attention']} | {precision} | {peak} | {row['step_ms']:.1f} | "
                   f"{args.batch * args.seq / row['step_ms'] * 1e3:,.0f} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import time
+from collections.abc import Iterator
 
 import torch
 from tqdm import tqdm
@@ -169,13 +170,7 @@ def train(draft: Draft, data: ShardSet, work_dir: str, cfg: TrainConfig, stop_af
             shown = 0.0
             if indices:
                 batch = data.batch(indices, cfg.max_len).to(device)
-                losses = _losses(draft, batch, epoch, offset, noise, cfg, flex)
-                with torch.enable_grad():
-                    # Only the forward (the generator's work up to each loss) runs under autocast; backward
-                    # follows the dtypes the forward chose, as torch.autocast asks.
-                    while (loss := _next_loss(losses, autocast)) is not None:
-                        loss.backward()
-                        shown += float(loss.detach())
+                shown = backpropagate(_losses(draft, batch, epoch, offset, noise, cfg, flex), autocast)
             if world > 1:
                 _average_gradients(params, world)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -240,9 +235,19 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
         p.grad.copy_(g.view_as(p))
 
 
-def _next_loss(losses, autocast: torch.autocast) -> torch.Tensor | None:
-    with autocast:
-        return next(losses, None)
+def backpropagate(losses: Iterator[torch.Tensor], autocast: torch.autocast) -> float:
+    """Backpropagate each loss as it comes (stage 2 keeps one simulation step's activations); returns their sum.
+    Only the forward, the generator's work up to each loss, runs under `autocast`: backward follows the dtypes
+    the forward chose, as torch.autocast asks."""
+    total = 0.0
+    with torch.enable_grad():
+        while True:
+            with autocast:
+                loss = next(losses, None)
+            if loss is None:
+                return total
+            loss.backward()
+            total += float(loss.detach())
 
 
 def _losses(draft: Draft, batch, epoch: int, offset: int, noise: torch.Generator, cfg: TrainConfig, flex: bool):
