@@ -68,7 +68,8 @@ def train(spec: str, args, options: list[str]) -> str:
     if os.path.isfile(os.path.join(out, CONFIG_FILE)):
         return out
     name, fraction = parse_variant(spec)
-    argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *VARIANTS[name], *options]
+    # The variant's own options come last: where both name an option, the variant's wins.
+    argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *options, *VARIANTS[name]]
     if fraction < 1:
         argv += ["--data-fraction", str(fraction)]
     if args.heldout:
