@@ -16,7 +16,9 @@
 #    plain decoding and n-gram drafting (benchmarks/ablation.py). It comes before the rest of the states so
 #    that its table (hours earlier) can settle what those are for.
 # 4. The same states of every other answered conversation, into the same folder (50 GB in all).
-# What to train on all the data, and the data-size curve, follow from step 3's table.
+# 5. The data-size curve of step 3's best variant (highest offline tau; the fp32 check aside): the same
+#    recipe on the first 1/8, 1/2 and all of the training sequences (step 3 gave the quarter), offline and
+#    in vLLM (benchmarks/ablation.py again).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -41,5 +43,13 @@ main() {
         --work "$WORK/drafts-quarter" --variants top top-noreg fused fused-noreg fused-noreg-fp32 \
         --offline-sequences 1000 --json "$WORK/ablation-quarter.json" -- "${TRAIN[@]}"
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
+    BEST=$("$PY" -c 'import json, sys
+variants = json.load(open(sys.argv[1]))["variants"]
+print(max((v for v in variants if not v.endswith("-fp32")), key=lambda v: variants[v]["offline"]["tau"]))' \
+        "$WORK/ablation-quarter.json")
+    echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
+    [ -f "$WORK/ablation-size.json" ] || "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
+        --work "$WORK/drafts-size" --variants "$BEST@0.125" "$BEST@0.5" "$BEST" --offline-sequences 1000 \
+        --json "$WORK/ablation-size.json" -- "${TRAIN[@]}"
 }
 main "$@"
