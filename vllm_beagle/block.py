@@ -181,7 +181,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible)
     gqa = q.shape[-3] != k.shape[-3]
     if isinstance(visible, torch.Tensor):
         # As many dims as q: SDPA's fused CPU kernel takes a 2-D or 4-D mask only; given [1, T, S] it falls
-        # back to the math path, which materialises every score (training steps ran 1.4 times slower).
+        # back to the math path, which materialises every score (training steps ran up to 1.4 times slower).
         mask = visible.unsqueeze(-3)
         mask = mask.view((1,) * (q.dim() - mask.dim()) + mask.shape)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -43,12 +43,14 @@ class TrainConfig:
     save_every: int = option(200, "steps between saved training states")
     eval_k: int = option(3, "draft length K of the held-out acceptance measured after every epoch")
     eval_sequences: int = option(16, "held-out sequences that measurement reads (and as many training sequences)")
+    # Dense is the default everywhere: on an H100 in fp32, FlexAttention's block-sparse path made every training
+    # step slower (benchmarks/train_memory.py; README) for 5-18% less memory.
     attention: str = option("dense", "attention over Beagle's block masks: dense (SDPA with the full mask) or "
                                      "flex (FlexAttention, skips fully hidden tiles; CUDA only; slower but lighter "
                                      "on an H100 in fp32)", ("dense", "flex"))
     precision: str = option("fp32", "fp32, or bf16: the draft's forward under bfloat16 autocast (matrix products "
                                     "and attention in bf16; weights, optimizer, softmax and losses stay fp32); on "
-                                    "a CPU with AMX, steps of SmolLM2's shapes ran 1.7 to 2.3x faster",
+                                    "a CPU with AMX, steps of SmolLM2's shapes ran 1.5 to 2.4x faster than fp32",
                             ("fp32", "bf16"))
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
@@ -72,10 +74,6 @@ class TrainConfig:
             if choices and getattr(self, field.name) not in choices:
                 raise ValueError(f"{field.name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, field.name)!r}")
-
-
-# Dense (SDPA with the full mask) is the default everywhere: on an H100 in fp32, FlexAttention's block-sparse
-# path made every training step slower (benchmarks/train_memory.py; README) for 5-18% less memory.
 
 
 def uses_flex(attention: str, device) -> bool:
