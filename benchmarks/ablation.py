@@ -1,7 +1,7 @@
 """Ablations of Beagle drafts on one data set, in one table: each variant is `beagle train` with its own
 options on the same shards (and the same recipe otherwise), then its offline tau on the same held-out
-shards, and in one vLLM run its tau, per-position acceptance and speed-up on the same prompts, beside
-plain decoding (first and last, speed-ups over the mean of the two) and n-gram drafting.
+shards, and its tau, per-position acceptance and speed-up in a vLLM run of its own on the same prompts,
+beside plain decoding (first and last, speed-ups over the mean of the two) and n-gram drafting.
 
     python benchmarks/ablation.py --data DATA/train [--heldout DATA/heldout] [--work ablation]
         [--variants top fused fused-noreg fused@0.25 ...] [--k 3] [--prompts mtbench] [--num-prompts 16]
@@ -10,14 +10,21 @@ plain decoding (first and last, speed-ups over the mean of the two) and n-gram d
 A variant is a name from VARIANTS, optionally with @F to train on the first fraction F of the training
 sequences (the data's conversations are in a seeded random order, so a prefix is a uniform sample): the
 points of a data-size curve. Shards of fused states serve every variant (top-state drafts and EAGLE-1
-read the final states those shards carry). Drafts are trained into WORK/<variant> unless that checkpoint
-is there, and `beagle train` resumes, so running the command again picks up where it stopped. TRAIN
-OPTIONS go to every `beagle train` (default: beagle train's defaults).
+read the final states those shards carry). TRAIN OPTIONS go to every `beagle train` (default: beagle
+train's defaults).
+
+It resumes at two grains. A variant's row goes into the results file (--json, default WORK/ablation.json)
+as soon as it is measured, and a variant already there is not trained or measured again: a results file
+kept with the repository carries an ablation across machines, hours of training per row. A draft is
+trained into WORK/<variant> unless that checkpoint is there, and `beagle train` resumes from its last save.
+Each variant gets its own vLLM run, so its speed-ups are ratios within one run even when rows were
+measured days apart; n-gram drafting in every run shows how comparable the runs are.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
@@ -28,6 +35,7 @@ from transformers import AutoModelForCausalLM
 
 from vllm_beagle.compare import PLAIN, PLAIN_AGAIN, bookended, chat_token_ids, run_engines, summarize
 from vllm_beagle.drafts import speculative_config
+from vllm_beagle.outputs import write_json
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.schema import CONFIG_FILE, state_name
 from vllm_beagle.smollm2 import smollm2_dir
@@ -79,6 +87,55 @@ def train(spec: str, args, options: list[str]) -> str:
     return out
 
 
+# What a results file was measured with: a variant measured otherwise is not a row of the same table.
+SETTINGS = ("data", "heldout", "k", "prompts", "num_prompts", "max_tokens", "eager", "offline_sequences", "options")
+
+
+def load_results(path: str, settings: dict) -> dict:
+    if not os.path.isfile(path):
+        return {**settings, "variants": {}}
+    with open(path) as f:
+        results = json.load(f)
+    changed = [k for k in SETTINGS if results.get(k) != settings[k]]
+    if changed:
+        raise SystemExit(f"ablation.py: {path} was measured with other settings ("
+                         + "; ".join(f"{k}: {results.get(k)!r} there, {settings[k]!r} here" for k in changed)
+                         + "); use another --json or the same settings")
+    return results
+
+
+def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dict:
+    """One variant's row: its offline tau, and a vLLM run of its own beside plain decoding and n-gram."""
+    draft = load_draft(path, target)
+    heldout = ShardSet(args.heldout, target.config.vocab_size, state_name(draft.cfg))
+    offline = offline_acceptance(draft, heldout, args.k, args.offline_sequences)
+    del draft
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = json.load(f)
+    training = config.get("beagle", {}).get("training") or config.get("training", {})
+    specs = bookended({"ngram": speculative_config("ngram", args.k), spec: speculative_config(path, args.k)})
+    run = summarize(run_engines(args.target, specs, prompts, args.max_tokens, eager=args.eager))
+    return {"checkpoint": path, "measured": datetime.date.today().isoformat(), "offline": offline,
+            "sequences": training.get("sequences"), "stats": training.get("stats"), "vllm": run[spec],
+            "ngram": run["ngram"], "plain": run[PLAIN], "plain_again": run[PLAIN_AGAIN]}
+
+
+def print_table(results: dict, specs: list[str]) -> None:
+    print(f"\n{results['num_prompts']} {results['prompts']} prompts, {results['max_tokens']} new tokens, "
+          f"K = {results['k']}, greedy, batch 1, vLLM {'eager' if results['eager'] else 'compiled'}, one run per "
+          f"variant; offline: up to {results['offline_sequences']} held-out sequences of {results['heldout']}\n")
+    print("| drafting | training sequences | offline tau | vLLM tau | per position | speed-up | n-gram, same run "
+          "| plain tok/s | identical | measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in specs:
+        row = results["variants"][spec]
+        r, plain = row["vllm"], (row["plain"]["tokens_per_s"] + row["plain_again"]["tokens_per_s"]) / 2
+        rates = " / ".join(f"{x:.2f}" for x in r["per_position"])
+        print(f"| {spec} | {row['sequences']} | {row['offline']['tau']:.2f} | {r['tau']:.2f} | {rates} | "
+              f"{r['speedup']:.2f}x | {row['ngram']['tau']:.2f}, {row['ngram']['speedup']:.2f}x | {plain:.1f} | "
+              f"{r['identical_outputs']}/{r['prompts']} | {row['measured']} |")
+
+
 def main() -> int:
     argv = sys.argv[1:]
     options = []
@@ -90,8 +147,8 @@ def main() -> int:
     parser.add_argument("--target", default=None, help="HF directory (default: the embedded SmolLM2)")
     parser.add_argument("--work", default="ablation", help="where the drafts are trained (default ablation)")
     parser.add_argument("--variants", nargs="+", default=["top", "fused", "fused-noreg"],
-                        help=f"variants to compare, NAME or NAME@FRACTION; names: {', '.join(VARIANTS)} "
-                             "(default: top fused fused-noreg)")
+                        help=f"variants to compare, NAME or NAME@FRACTION, trained and measured in this order; "
+                             f"names: {', '.join(VARIANTS)} (default: top fused fused-noreg)")
     parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
     parser.add_argument("--prompts", default="mtbench", help="vLLM prompt set (default mtbench)")
     parser.add_argument("--num-prompts", type=int, default=16, help="vLLM prompts (default 16)")
@@ -99,7 +156,9 @@ def main() -> int:
     parser.add_argument("--offline-sequences", type=int, default=40,
                         help="held-out sequences read offline (default 40)")
     parser.add_argument("--eager", action="store_true", help="vLLM without compilation (default: compiled)")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None,
+                        help="the results file, written after each variant and read to resume (default "
+                             "WORK/ablation.json)")
     args = parser.parse_args(argv)
     for spec in args.variants:
         parse_variant(spec)
@@ -108,43 +167,20 @@ def main() -> int:
     args.heldout = args.heldout or os.path.join(os.path.dirname(os.path.normpath(args.data)), "heldout")
     if not os.path.isdir(args.heldout):
         raise SystemExit(f"ablation.py: no held-out shards at {args.heldout}")
-    drafts = {spec: train(spec, args, options) for spec in args.variants}
-
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    rows = {}
-    for spec, path in drafts.items():
-        draft = load_draft(path, target)
-        heldout = ShardSet(args.heldout, target.config.vocab_size, state_name(draft.cfg))
-        offline = offline_acceptance(draft, heldout, args.k, args.offline_sequences)
-        with open(os.path.join(path, CONFIG_FILE)) as f:
-            config = json.load(f)
-        training = config.get("beagle", {}).get("training") or config.get("training", {})
-        rows[spec] = {"checkpoint": path, "offline": offline, "sequences": training.get("sequences"),
-                      "stats": training.get("stats")}
-    prompts = chat_token_ids(args.target, load_prompts(args.prompts, args.num_prompts))
-    specs = bookended({"ngram": speculative_config("ngram", args.k),
-                       **{spec: speculative_config(path, args.k) for spec, path in drafts.items()}})
-    measured = summarize(run_engines(args.target, specs, prompts, args.max_tokens, eager=args.eager))
-    mode = "eager" if args.eager else "compiled"
-    print(f"\n{len(prompts)} {args.prompts} prompts, {args.max_tokens} new tokens, K = {args.k}, greedy, batch 1, "
-          f"vLLM {mode}; offline: {args.offline_sequences} held-out sequences of {args.heldout}\n")
-    print("| drafting | training sequences | offline tau | vLLM tau | per position | speed-up | identical |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in measured.items():
-        extra = rows.get(name, {})
-        offline = f"{extra['offline']['tau']:.2f}" if extra else "-"
-        tau = f"{r['tau']:.2f}" if "tau" in r else "-"
-        rates = " / ".join(f"{x:.2f}" for x in r.get("per_position", [])) or "-"
-        print(f"| {name} | {extra.get('sequences') or '-'} | {offline} | {tau} | {rates} | {r['speedup']:.2f}x | "
-              f"{r['identical_outputs']}/{r['prompts']} |")
-        if extra:
-            extra["vllm"] = r
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"data": args.data, "heldout": args.heldout, "k": args.k,
-                       "prompts": args.prompts, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-                       "eager": args.eager, "options": options, "plain": measured[PLAIN],
-                       "plain_again": measured[PLAIN_AGAIN], "ngram": measured["ngram"], "variants": rows}, f, indent=2)
+    args.json = args.json or os.path.join(args.work, "ablation.json")
+    settings = {"data": args.data, "heldout": args.heldout, "k": args.k, "prompts": args.prompts,
+                "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "eager": args.eager,
+                "offline_sequences": args.offline_sequences, "options": options}
+    results = load_results(args.json, settings)
+    todo = [spec for spec in args.variants if spec not in results["variants"]]
+    if todo:
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+        prompts = chat_token_ids(args.target, load_prompts(args.prompts, args.num_prompts))
+    for spec in todo:
+        results["variants"][spec] = measure(spec, train(spec, args, options), args, target, prompts)
+        write_json(args.json, results)
+        print(f"ablation.py: {spec} measured, in {args.json}", file=sys.stderr, flush=True)
+    print_table(results, args.variants)
     return 0
 
 

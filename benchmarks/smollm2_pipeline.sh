@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M-Instruct draft pipeline, from the committed response store to an ablation table.
 # Every step resumes where it stopped (answers by chunks, shards one by one, training from its last
-# save, finished drafts skipped), so after any interruption run the same command again:
+# save, measured variants skipped), so after any interruption run the same command again:
 #
 #     nice -n 10 bash benchmarks/smollm2_pipeline.sh [WORK] > WORK.log 2>&1 &
 #
@@ -12,13 +12,15 @@
 #    faster): about 4.6 kB a token, kept in WORK (never committed: they are made again from the store).
 # 3. Beagle variants on that quarter (top or fused states, with or without the state regression), each
 #    `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to show what bf16 costs),
-#    then their offline tau on every held-out sequence and one vLLM run on 16 MT-Bench first turns beside
-#    plain decoding and n-gram drafting (benchmarks/ablation.py). It comes before the rest of the states so
-#    that its table (hours earlier) can settle what those are for.
+#    then its offline tau on every held-out sequence and a vLLM run of its own on 16 MT-Bench first turns
+#    beside plain decoding and n-gram drafting (benchmarks/ablation.py), each variant's row written into
+#    benchmarks/results/ablation-quarter-smollm2-cpu.json as it comes: commit it, it is what a fresh
+#    machine resumes from. It comes before the rest of the states so that its table (hours earlier) can
+#    settle what those are for; the variant most likely to win trains first.
 # 4. The same states of every other answered conversation, into the same folder (50 GB in all).
 # 5. The data-size curve of step 3's best variant (highest offline tau; the fp32 check aside): the same
 #    recipe on the first 1/8, 1/2 and all of the training sequences (step 3 gave the quarter), offline and
-#    in vLLM (benchmarks/ablation.py again).
+#    in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -38,18 +40,20 @@ main() {
     FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype bfloat16 --no-generate)
     USABLE=15902  # the store's conversations (its manifest), of which the first 100 are held out
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 4))
-    # Once its table is written the step is done: the folder's later growth must not retrain or re-measure it.
-    [ -f "$WORK/ablation-quarter.json" ] || "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
-        --work "$WORK/drafts-quarter" --variants top top-noreg fused fused-noreg fused-noreg-fp32 \
-        --offline-sequences 1000 --json "$WORK/ablation-quarter.json" -- "${TRAIN[@]}"
+    # Each variant's row lands in the committed results file as soon as it is measured; ablation.py skips the
+    # rows already there, so the ablation carries over to another machine a variant at a time.
+    QUARTER=benchmarks/results/ablation-quarter-smollm2-cpu.json
+    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-quarter" \
+        --variants fused-noreg top fused top-noreg fused-noreg-fp32 --offline-sequences 1000 \
+        --json "$QUARTER" -- "${TRAIN[@]}"
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
     BEST=$("$PY" -c 'import json, sys
 variants = json.load(open(sys.argv[1]))["variants"]
 print(max((v for v in variants if not v.endswith("-fp32")), key=lambda v: variants[v]["offline"]["tau"]))' \
-        "$WORK/ablation-quarter.json")
+        "$QUARTER")
     echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
-    [ -f "$WORK/ablation-size.json" ] || "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
+    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
         --work "$WORK/drafts-size" --variants "$BEST@0.125" "$BEST@0.5" "$BEST" --offline-sequences 1000 \
-        --json "$WORK/ablation-size.json" -- "${TRAIN[@]}"
+        --json benchmarks/results/ablation-size-smollm2-cpu.json -- "${TRAIN[@]}"
 }
 main "$@"

