@@ -8,18 +8,20 @@
 # 1. The target's answers to every usable ShareGPT conversation (up to 4 turns), into the committed
 #    store data/smollm2-sharegpt: hours of vLLM on a CPU. Commit the store's new chunks as they come.
 # 2. Fused target states (layers 2, 15, 27, and the final state the top-state drafts read) of the held-out
-#    conversations and the first quarter of the training ones, in bfloat16 (README: same acceptance, 1.66x
+#    conversations and the first eighth of the training ones, in bfloat16 (README: same acceptance, 1.66x
 #    faster): about 4.6 kB a token, kept in WORK (never committed: they are made again from the store).
-# 3. Beagle variants on that quarter (top or fused states, with or without the state regression), each
+#    An eighth, so that on a fresh machine of the slower kind (AMD EPYC: 710 target tokens/s here against
+#    2,000 on an Intel Xeon with AMX) its states and at least one variant fit in one 3-hour session.
+# 3. Beagle variants on that eighth (top or fused states, with or without the state regression), each
 #    `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to show what bf16 costs),
 #    then its offline tau on every held-out sequence and a vLLM run of its own on 16 MT-Bench first turns
 #    beside plain decoding and n-gram drafting (benchmarks/ablation.py), each variant's row written into
-#    benchmarks/results/ablation-quarter-smollm2-cpu.json as it comes: commit it, it is what a fresh
+#    benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it, it is what a fresh
 #    machine resumes from. It comes before the rest of the states so that its table (hours earlier) can
 #    settle what those are for; the variant most likely to win trains first.
 # 4. The same states of every other answered conversation, into the same folder (50 GB in all).
 # 5. The data-size curve of step 3's best variant (highest offline tau; the fp32 check aside): the same
-#    recipe on the first 1/8, 1/2 and all of the training sequences (step 3 gave the quarter), offline and
+#    recipe on the first 1/4, 1/2 and all of the training sequences (step 3 gave the eighth), offline and
 #    in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
@@ -39,21 +41,21 @@ main() {
     "${BEAGLE[@]}" data "$TARGET" --out "$WORK/answers" "${DATA[@]}" --state none
     FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype bfloat16 --no-generate)
     USABLE=15902  # the store's conversations (its manifest), of which the first 100 are held out
-    "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 4))
+    "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 8))
     # Each variant's row lands in the committed results file as soon as it is measured; ablation.py skips the
     # rows already there, so the ablation carries over to another machine a variant at a time.
-    QUARTER=benchmarks/results/ablation-quarter-smollm2-cpu.json
-    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-quarter" \
+    EIGHTH=benchmarks/results/ablation-eighth-smollm2-cpu.json
+    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
         --variants fused-noreg top fused top-noreg fused-noreg-fp32 --offline-sequences 1000 \
-        --json "$QUARTER" -- "${TRAIN[@]}"
+        --json "$EIGHTH" -- "${TRAIN[@]}"
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
     BEST=$("$PY" -c 'import json, sys
 variants = json.load(open(sys.argv[1]))["variants"]
 print(max((v for v in variants if not v.endswith("-fp32")), key=lambda v: variants[v]["offline"]["tau"]))' \
-        "$QUARTER")
+        "$EIGHTH")
     echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
     "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
-        --work "$WORK/drafts-size" --variants "$BEST@0.125" "$BEST@0.5" "$BEST" --offline-sequences 1000 \
+        --work "$WORK/drafts-size" --variants "$BEST@0.25" "$BEST@0.5" "$BEST" --offline-sequences 1000 \
         --json benchmarks/results/ablation-size-smollm2-cpu.json -- "${TRAIN[@]}"
 }
 main "$@"
