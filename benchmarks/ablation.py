@@ -50,7 +50,8 @@ VARIANTS = {
     "fused-noreg": ["--regression-weight", "0"],
     # Beside common options that train in bf16: what bf16 costs, if anything.
     "fused-noreg-fp32": ["--regression-weight", "0", "--precision", "fp32"],
-    "eagle": ["--arch", "eagle"],
+    # EAGLE-1 drafts over the full vocabulary, whatever draft vocabulary the common options ask for.
+    "eagle": ["--arch", "eagle", "--draft-vocab", "0"],
 }
 
 

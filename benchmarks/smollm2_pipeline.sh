@@ -12,16 +12,16 @@
 #    faster): about 4.6 kB a token, kept in WORK (never committed: they are made again from the store).
 #    An eighth, so that on a fresh machine of the slower kind (AMD EPYC: 710 target tokens/s here against
 #    2,000 on an Intel Xeon with AMX) its states and at least one variant fit in one 3-hour session.
-# 3. Beagle variants on that eighth (top or fused states, with or without the state regression), each
-#    `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to show what bf16 costs),
-#    then its offline tau on every held-out sequence and a vLLM run of its own on 16 MT-Bench first turns
-#    beside plain decoding and n-gram drafting (benchmarks/ablation.py), each variant's row written into
-#    benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it, it is what a fresh
-#    machine resumes from. It comes before the rest of the states so that its table (hours earlier) can
-#    settle what those are for; the variant most likely to win trains first.
+# 3. Beagle variants on that eighth (top or fused states, with or without the state regression) and the
+#    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to
+#    show what bf16 costs), then its offline tau on every held-out sequence and a vLLM run of its own on 16
+#    MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py), each
+#    variant's row written into benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it,
+#    it is what a fresh machine resumes from. It comes before the rest of the states so that its table
+#    (hours earlier) can settle what those are for; the variant most likely to win trains first.
 # 4. The same states of every other answered conversation, into the same folder (50 GB in all).
-# 5. The data-size curve of step 3's best variant (highest offline tau; the fp32 check aside): the same
-#    recipe on the first 1/4, 1/2 and all of the training sequences (step 3 gave the eighth), offline and
+# 5. The data-size curve of step 3's best Beagle variant (highest offline tau; the fp32 check aside): the
+#    same recipe on the first 1/4, 1/2 and all of the training sequences (step 3 gave the eighth), offline and
 #    in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
@@ -46,12 +46,13 @@ main() {
     # rows already there, so the ablation carries over to another machine a variant at a time.
     EIGHTH=benchmarks/results/ablation-eighth-smollm2-cpu.json
     "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
-        --variants fused-noreg top fused top-noreg fused-noreg-fp32 --offline-sequences 1000 \
+        --variants fused-noreg top fused top-noreg eagle fused-noreg-fp32 --offline-sequences 1000 \
         --json "$EIGHTH" -- "${TRAIN[@]}"
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
     BEST=$("$PY" -c 'import json, sys
 variants = json.load(open(sys.argv[1]))["variants"]
-print(max((v for v in variants if not v.endswith("-fp32")), key=lambda v: variants[v]["offline"]["tau"]))' \
+beagle = [v for v in variants if not v.endswith("-fp32") and v != "eagle"]
+print(max(beagle, key=lambda v: variants[v]["offline"]["tau"]))' \
         "$EIGHTH")
     echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
     "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
