@@ -169,10 +169,8 @@ def main() -> int:
     if not os.path.isdir(args.heldout):
         raise SystemExit(f"ablation.py: no held-out shards at {args.heldout}")
     args.json = args.json or os.path.join(args.work, "ablation.json")
-    settings = {"data": args.data, "heldout": args.heldout, "k": args.k, "prompts": args.prompts,
-                "num_prompts": args.num_prompts, "max_tokens": args.max_tokens, "eager": args.eager,
-                "offline_sequences": args.offline_sequences, "options": options}
-    results = load_results(args.json, settings)
+    args.options = options
+    results = load_results(args.json, {k: getattr(args, k) for k in SETTINGS})
     todo = [spec for spec in args.variants if spec not in results["variants"]]
     if todo:
         target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
