@@ -16,7 +16,7 @@ from conftest import BEAGLE
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vllm_beagle.outputs import OutputError, prepare_output_dir
+from vllm_beagle.outputs import OutputError, atomic_path, prepare_output_dir
 from vllm_beagle.train.loop import STATE_FILE
 
 TRAIN_ARGS = ["--window", "3", "--sim-steps", "2", "--stage1-epochs", "2", "--stage2-epochs", "2", "--batch-size", "4",
@@ -81,6 +81,21 @@ def test_unwritable_output_fails_at_once_with_a_clear_message(toy, shards, tmp_p
     assert result.returncode != 0
     assert f"beagle {command}: cannot write" in result.stderr and str(blocker) in result.stderr, result.stderr
     assert time.monotonic() - start < 120
+
+
+@pytest.mark.parametrize("writer", ["open", "safetensors"])
+def test_files_written_whole_get_ordinary_permissions(tmp_path, writer):
+    path = str(tmp_path / "weights.safetensors")
+    with atomic_path(path) as tmp:
+        if writer == "open":
+            with open(tmp, "wb") as f:
+                f.write(b"x")
+        else:
+            save_file({"w": torch.zeros(2)}, tmp)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+    assert os.listdir(tmp_path) == ["weights.safetensors"]
 
 
 def test_a_disk_without_room_is_refused_before_work(tmp_path):

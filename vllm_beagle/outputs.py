@@ -48,9 +48,12 @@ def atomic_path(path: str) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; results are ordinary files
     try:
         yield tmp
+        # Results are ordinary files, readable by a server running as another user. After the writer, not
+        # before: mkstemp makes the file private, and safetensors (0.8) replaces it with a private file
+        # of its own.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
