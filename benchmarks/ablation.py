@@ -33,9 +33,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
+from vllm_beagle.checkpoint import read_config_dict
 from vllm_beagle.compare import PLAIN, PLAIN_AGAIN, bookended, chat_token_ids, run_engines, summarize
 from vllm_beagle.drafts import speculative_config
-from vllm_beagle.outputs import write_json
+from vllm_beagle.outputs import claim_manifest, write_json
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.schema import CONFIG_FILE, state_name
 from vllm_beagle.smollm2 import smollm2_dir
@@ -93,16 +94,17 @@ SETTINGS = ("data", "heldout", "k", "prompts", "num_prompts", "max_tokens", "eag
 
 
 def load_results(path: str, settings: dict) -> dict:
-    if not os.path.isfile(path):
-        return {**settings, "variants": {}}
-    with open(path) as f:
-        results = json.load(f)
-    changed = [k for k in SETTINGS if results.get(k) != settings[k]]
-    if changed:
+    """The rows measured so far; a new file starts with the settings alone."""
+    saved = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    recorded, present = claim_manifest(path, settings, saved)
+    if recorded:
         raise SystemExit(f"ablation.py: {path} was measured with other settings ("
-                         + "; ".join(f"{k}: {results.get(k)!r} there, {settings[k]!r} here" for k in changed)
+                         + "; ".join(f"{k}: {recorded[k]!r} there, {present[k]!r} here" for k in recorded)
                          + "); use another --json or the same settings")
-    return results
+    return {"variants": {}, **(saved or settings)}
 
 
 def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dict:
@@ -111,8 +113,7 @@ def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dic
     heldout = ShardSet(args.heldout, target.config.vocab_size, state_name(draft.cfg))
     offline = offline_acceptance(draft, heldout, args.k, args.offline_sequences)
     del draft
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-        config = json.load(f)
+    config = read_config_dict(path)
     training = config.get("beagle", {}).get("training") or config.get("training", {})
     specs = bookended({"ngram": speculative_config("ngram", args.k), spec: speculative_config(path, args.k)})
     run = summarize(run_engines(args.target, specs, prompts, args.max_tokens, eager=args.eager))
