@@ -40,6 +40,7 @@ from vllm_beagle.outputs import claim_manifest, write_json
 from vllm_beagle.prompts import load_prompts
 from vllm_beagle.schema import CONFIG_FILE, state_name
 from vllm_beagle.smollm2 import smollm2_dir
+from vllm_beagle.train.data import MANIFEST
 from vllm_beagle.train.evaluate import load_draft, offline_acceptance
 from vllm_beagle.train.shards import ShardSet
 
@@ -117,7 +118,12 @@ def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dic
     training = config.get("beagle", {}).get("training") or config.get("training", {})
     specs = bookended({"ngram": speculative_config("ngram", args.k), spec: speculative_config(path, args.k)})
     run = summarize(run_engines(args.target, specs, prompts, args.max_tokens, eager=args.eager))
-    return {"checkpoint": path, "measured": datetime.date.today().isoformat(), "offline": offline,
+    with open(os.path.join(args.data, MANIFEST)) as f:
+        # The dtype the target computed the states in, which the settings do not pin (the same shards path
+        # may hold either, by the machine that made them).
+        state_dtype = json.load(f)["state_dtype"]
+    return {"checkpoint": path, "measured": datetime.date.today().isoformat(), "state_dtype": state_dtype,
+            "offline": offline,
             "sequences": training.get("sequences"), "stats": training.get("stats"), "vllm": run[spec],
             "ngram": run["ngram"], "plain": run[PLAIN], "plain_again": run[PLAIN_AGAIN]}
 

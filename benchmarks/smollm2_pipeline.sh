@@ -8,13 +8,16 @@
 # 1. The target's answers to every usable ShareGPT conversation (up to 4 turns), into the committed
 #    store data/smollm2-sharegpt: hours of vLLM on a CPU. Commit the store's new chunks as they come.
 # 2. Fused target states (layers 2, 15, 27, and the final state the top-state drafts read) of the held-out
-#    conversations and the first eighth of the training ones, in bfloat16 (README: same acceptance, 1.66x
-#    faster): about 4.6 kB a token, kept in WORK (never committed: they are made again from the store).
-#    An eighth, so that on a fresh machine of the slower kind (AMD EPYC: 710 target tokens/s here against
-#    2,000 on an Intel Xeon with AMX) its states and at least one variant fit in one 3-hour session.
+#    conversations and the first eighth of the training ones, computed in bfloat16 where the CPU has bf16
+#    instructions (README: same acceptance, 1.66x faster) and in float32 where it has not (bf16 would be
+#    ~5x slower there), stored in float16: about 4.6 kB a token, kept in WORK (never committed: they are
+#    made again from the store). An eighth, so that on a fresh machine of the slower kinds (an AMD EPYC
+#    with AVX512-BF16: 710 target tokens/s in bf16; one with AVX2 alone: 440 in fp32; an Intel Xeon with
+#    AMX: 2,000) its states and at least one variant fit in one 3-hour session.
 # 3. Beagle variants on that eighth (top or fused states, with or without the state regression) and the
 #    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to
-#    show what bf16 costs), then its offline tau on every held-out sequence and a vLLM run of its own on 16
+#    show what bf16 costs, and on a CPU without bf16 that one alone: the others wait for a machine with
+#    it), then its offline tau on every held-out sequence and a vLLM run of its own on 16
 #    MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py), each
 #    variant's row written into benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it,
 #    it is what a fresh machine resumes from. It comes before the rest of the states so that its table
@@ -22,7 +25,8 @@
 # 4. The same states of every other answered conversation, into the same folder (50 GB in all).
 # 5. The data-size curve of step 3's best Beagle variant (highest offline tau; the fp32 check aside): the
 #    same recipe on the first 1/4, 1/2 and all of the training sequences (step 3 gave the eighth), offline and
-#    in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json).
+#    in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json), trained
+#    in the machine's precision (bf16 where the CPU has it, fp32 elsewhere; the file then pins it).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -36,18 +40,27 @@ main() {
     DATA=(--responses data/smollm2-sharegpt --max-prompt-len 1024 --max-new-tokens 256 --turns 4 --heldout 100
           --dtype bfloat16 --max-num-seqs 256)
     TRAIN=(--draft-vocab 8192 --window 3 --sim-steps 3 --stage1-epochs 2 --stage2-epochs 1 --batch-size 4
-           --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16 --precision bf16)
+           --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16)
+
+    # bf16 where the CPU has bf16 instructions; elsewhere (AVX2 alone) a bf16 matrix product runs ~100x
+    # slower than an fp32 one (vllm_beagle/cpu.py): there the states come in fp32, and of the eighth's
+    # variants only the one trained in fp32 runs (the others wait for a machine with bf16).
+    if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
+        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top fused top-noreg eagle fused-noreg-fp32)
+    else
+        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32)
+    fi
+    echo "smollm2_pipeline.sh: states in $STATE_DTYPE, training in $PRECISION" >&2
 
     "${BEAGLE[@]}" data "$TARGET" --out "$WORK/answers" "${DATA[@]}" --state none
-    FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype bfloat16 --no-generate)
+    FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype "$STATE_DTYPE" --no-generate)
     USABLE=15902  # the store's conversations (its manifest), of which the first 100 are held out
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 8))
     # Each variant's row lands in the committed results file as soon as it is measured; ablation.py skips the
     # rows already there, so the ablation carries over to another machine a variant at a time.
     EIGHTH=benchmarks/results/ablation-eighth-smollm2-cpu.json
     "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
-        --variants fused-noreg top fused top-noreg eagle fused-noreg-fp32 --offline-sequences 1000 \
-        --json "$EIGHTH" -- "${TRAIN[@]}"
+        --variants "${VARIANTS[@]}" --offline-sequences 1000 --json "$EIGHTH" -- "${TRAIN[@]}" --precision bf16
     "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
     BEST=$("$PY" -c 'import json, sys
 variants = json.load(open(sys.argv[1]))["variants"]
@@ -57,6 +70,6 @@ print(max(beagle, key=lambda v: variants[v]["offline"]["tau"]))' \
     echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
     "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
         --work "$WORK/drafts-size" --variants "$BEST@0.25" "$BEST@0.5" "$BEST" --offline-sequences 1000 \
-        --json benchmarks/results/ablation-size-smollm2-cpu.json -- "${TRAIN[@]}"
+        --json benchmarks/results/ablation-size-smollm2-cpu.json -- "${TRAIN[@]}" --precision "$PRECISION"
 }
 main "$@"

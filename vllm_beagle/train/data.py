@@ -161,6 +161,10 @@ def build_dataset(target_dir: str, out: str, state: str | None = STATE_FINAL_NOR
     if cfg is not None:
         from transformers import AutoModelForCausalLM
 
+        from ..cpu import warn_if_slow_bf16
+
+        if state_dtype == "bfloat16":  # the target runs on the CPU
+            warn_if_slow_bf16("beagle data --state-dtype bfloat16")
         target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, state_dtype)).eval()
         # What the shards' answers are: the store's manifest, or the file and settings of its own answers.
         store_id = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()

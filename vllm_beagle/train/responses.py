@@ -207,9 +207,14 @@ def generate(target_dir: str, store: ResponseStore, conversations: list[Conversa
     if len(done) >= len(conversations):
         return
     from vllm import SamplingParams, TokensPrompt
+    from vllm.platforms import current_platform
     from vllm.sampling_params import RequestOutputKind
 
+    from ..cpu import warn_if_slow_bf16
     from ..offline import make_llm, shutdown
+
+    if dtype == "bfloat16" and current_platform.is_cpu():
+        warn_if_slow_bf16("beagle data --dtype bfloat16 (vLLM on the CPU)")
 
     llm = make_llm(target_dir, dtype=dtype, enforce_eager=eager, max_model_len=max_prompt_len + max_new_tokens,
                    max_num_seqs=max_num_seqs, disable_log_stats=True, scheduling_policy="priority")

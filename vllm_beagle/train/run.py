@@ -14,6 +14,7 @@ import sys
 import torch
 
 from ..checkpoint import is_beagle_config
+from ..cpu import warn_if_slow_bf16
 from ..outputs import exclusive, prepare_output_dir
 from ..schema import CONFIG_FILE
 from ..verifier import hub_name
@@ -90,6 +91,8 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     device = resolve_device(job.device)
     if job.tf32:
         torch.set_float32_matmul_precision("high")
+    if cfg.precision == "bf16" and torch.device(device).type == "cpu":
+        warn_if_slow_bf16("beagle train --precision bf16")
     heldout_dir = job.heldout
     beside = os.path.join(os.path.dirname(os.path.abspath(job.data[0])), "heldout")
     if heldout_dir is None and os.path.isdir(beside):
