@@ -1,5 +1,5 @@
 """What bfloat16 costs or gains on this CPU: a matrix product of SmolLM2's MLP shape and the target's
-forward pass (what `beagle data` runs to make states), each in float32 and bfloat16, interleaved.
+forward pass (what `beagle data` runs to make states), each in float32 and in bfloat16.
 
     python benchmarks/cpu_bf16.py [--target DIR] [--tokens 256] [--repeats 3]
 
@@ -22,12 +22,12 @@ from vllm_beagle.smollm2 import smollm2_dir
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls pick kernels and allocate
+def seconds(fn, repeats: int, *inputs) -> float:
+    fn(*inputs)  # warm-up: first calls pick kernels and allocate
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*inputs)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -43,14 +43,13 @@ def main() -> None:
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     m, k, n = 1000, 576, 1536
     for name, dtype in DTYPES.items():
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        s = seconds(lambda: a @ b, args.repeats)
+        s = seconds(torch.matmul, args.repeats, torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
         print(f"matmul {m} x {k} x {n} {name}: {2 * m * k * n / s / 1e9:.1f} GFLOP/s")
     target_dir = args.target or smollm2_dir()
     ids = torch.randint(0, 49152, (1, args.tokens))
     for name, dtype in DTYPES.items():
         model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype).eval()
-        s = seconds(lambda: model.model(ids), args.repeats)  # the states alone: no LM head, as beagle data
+        s = seconds(model.model, args.repeats, ids)  # the states alone: no LM head, as beagle data
         print(f"target forward, {args.tokens} positions, {name}: {args.tokens / s:.0f} tokens/s")
         del model
 

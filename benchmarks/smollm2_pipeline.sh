@@ -10,7 +10,7 @@
 # 2. Fused target states (layers 2, 15, 27, and the final state the top-state drafts read) of the held-out
 #    conversations and the first eighth of the training ones, computed in bfloat16 where the CPU has bf16
 #    instructions (README: same acceptance, 1.66x faster) and in float32 where it has not (bf16 would be
-#    ~5x slower there), stored in float16: about 4.6 kB a token, kept in WORK (never committed: they are
+#    ~6x slower there), stored in float16: about 4.6 kB a token, kept in WORK (never committed: they are
 #    made again from the store). An eighth, so that on a fresh machine of the slower kinds (an AMD EPYC
 #    with AVX512-BF16: 710 target tokens/s in bf16; one with AVX2 alone: 440 in fp32; an Intel Xeon with
 #    AMX: 2,000) its states and at least one variant fit in one 3-hour session.

@@ -2,9 +2,9 @@
 
 PyTorch's bf16 matrix products are fast only where the CPU has bf16 instructions (AVX512-BF16 or AMX on
 x86, BF16 on Arm). Without them they fall back to slow paths: on a 2-core AMD EPYC with AVX2 alone
-(2026-12-03) a 1000 x 576 x 1536 product ran at 1.2 GFLOP/s in bf16 against 123 in fp32, and SmolLM2's
-forward at 72 tokens/s against 346 (`benchmarks/cpu_bf16.py`). Choosing bf16 there turns an hour's job
-into a day's, so the commands that offer it warn.
+(2026-12-04) a 1000 x 576 x 1536 product ran at 1.3 GFLOP/s in bf16 against 121 in fp32, and SmolLM2's
+forward at 82 tokens/s against 499 (`benchmarks/cpu_bf16.py`). Choosing bf16 there turns an hour's job
+into most of a day's, so the commands that offer it warn.
 """
 
 from __future__ import annotations
