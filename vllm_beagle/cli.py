@@ -357,7 +357,8 @@ def add_data_command(sub) -> None:
     data.add_argument("--state-dtype", choices=["float32", "bfloat16"], default="float32",
                       help="dtype of the target's forward pass that makes the states (stored as float16 either "
                            "way); default float32, as the target serves on CPU. bfloat16 ran 1.6x faster on a "
-                           "2-core AVX512-BF16 CPU, at a relative error of about 1%% per state")
+                           "2-core AVX512-BF16 CPU, at a relative error of about 1%% per state, and 6x slower on "
+                           "one with AVX2 alone (a warning says so)")
     add_eager(data)
     data.add_argument("--max-num-seqs", type=int, default=256, help="sequences vLLM decodes at once (default 256)")
     data.add_argument("--no-generate", action="store_true",
