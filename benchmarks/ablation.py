@@ -5,13 +5,16 @@ beside plain decoding (first and last, speed-ups over the mean of the two) and n
 
     python benchmarks/ablation.py --data DATA/train [--heldout DATA/heldout] [--work ablation]
         [--variants top fused fused-noreg fused@0.25 ...] [--k 3] [--prompts mtbench] [--num-prompts 16]
-        [--max-tokens 128] [--eager] [--json FILE] [-- TRAIN OPTIONS]
+        [--max-tokens 128] [--eager] [--conversations N] [--json FILE] [-- TRAIN OPTIONS]
 
 A variant is a name from VARIANTS, optionally with @F to train on the first fraction F of the training
 sequences (the data's conversations are in a seeded random order, so a prefix is a uniform sample): the
-points of a data-size curve. Shards of fused states serve every variant (top-state drafts and EAGLE-1
-read the final states those shards carry). TRAIN OPTIONS go to every `beagle train` (default: beagle
-train's defaults).
+points of a data-size curve. With --conversations N, F is a fraction of N training conversations rather
+than of those --data holds, and a name alone means all N: the shards of a prefix then serve the points
+it covers, so that a curve is read point by point while beagle data extracts the rest into the same
+folder (a variant that asks for more than --data holds is refused, naming what is there). Shards of
+fused states serve every variant (top-state drafts and EAGLE-1 read the final states those shards
+carry). TRAIN OPTIONS go to every `beagle train` (default: beagle train's defaults).
 
 It resumes at two grains. A variant's row goes into the results file (--json, default WORK/ablation.json)
 as soon as it is measured, and a variant already there is not trained or measured again: a results file
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import subprocess
@@ -42,7 +46,7 @@ from vllm_beagle.schema import CONFIG_FILE, state_name
 from vllm_beagle.smollm2 import smollm2_dir
 from vllm_beagle.train.data import MANIFEST
 from vllm_beagle.train.evaluate import load_draft, offline_acceptance
-from vllm_beagle.train.shards import ShardSet
+from vllm_beagle.train.shards import SHARD_GLOB, ShardSet, shard_range
 
 # What each variant adds to the common `beagle train` options.
 VARIANTS = {
@@ -78,11 +82,12 @@ def train(spec: str, args, options: list[str]) -> str:
     out = os.path.join(args.work, checkpoint_name(spec))
     if os.path.isfile(os.path.join(out, CONFIG_FILE)):
         return out
-    name, fraction = parse_variant(spec)
+    name, _ = parse_variant(spec)
+    fraction = data_fraction(spec, args.data, args.conversations)
     # The variant's own options come last: where both name an option, the variant's wins.
     argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *options, *VARIANTS[name]]
     if fraction < 1:
-        argv += ["--data-fraction", str(fraction)]
+        argv += ["--data-fraction", f"{fraction:.6g}"]
     if args.heldout:
         argv += ["--heldout", args.heldout]
     print("ablation.py: beagle " + " ".join(argv), file=sys.stderr, flush=True)
@@ -90,8 +95,31 @@ def train(spec: str, args, options: list[str]) -> str:
     return out
 
 
+def data_fraction(spec: str, data: str, conversations: int | None) -> float:
+    """The share of the sequences in `data` that `spec` trains on (`beagle train --data-fraction`)."""
+    _, fraction = parse_variant(spec)
+    if not conversations:
+        return fraction
+    held, wanted = held_conversations(data), fraction * conversations
+    if wanted > held + 1:  # a conversation of rounding: an eighth of 15,802 is 1,975.25
+        raise SystemExit(f"ablation.py: {spec} trains on {wanted:.0f} of the {conversations} training "
+                         f"conversations, but {data} holds the states of {held}; extract more first "
+                         f"(beagle data with a larger --num-prompts)")
+    return min(1.0, wanted / held)
+
+
+def held_conversations(data: str) -> int:
+    """How many conversations the shards in `data` hold, from the range beagle data records in each."""
+    ranges = [shard_range(path) for path in glob.glob(os.path.join(data, SHARD_GLOB))]
+    if not ranges or None in ranges:
+        raise SystemExit(f"ablation.py: --conversations counts the conversations of shards that beagle data "
+                         f"wrote from a dataset or response store; some in {data} record none")
+    return sum(hi - lo for lo, hi in ranges)
+
+
 # What a results file was measured with: a variant measured otherwise is not a row of the same table.
-SETTINGS = ("data", "heldout", "k", "prompts", "num_prompts", "max_tokens", "eager", "offline_sequences", "options")
+SETTINGS = ("data", "heldout", "k", "prompts", "num_prompts", "max_tokens", "eager", "offline_sequences",
+            "conversations", "options")
 
 
 def load_results(path: str, settings: dict) -> dict:
@@ -164,6 +192,9 @@ def main() -> int:
     parser.add_argument("--offline-sequences", type=int, default=40,
                         help="held-out sequences read offline (default 40)")
     parser.add_argument("--eager", action="store_true", help="vLLM without compilation (default: compiled)")
+    parser.add_argument("--conversations", type=int, default=None,
+                        help="the training conversations that fractions count from (default: those in --data); "
+                             "--data may then hold a prefix of them")
     parser.add_argument("--json", default=None,
                         help="the results file, written after each variant and read to resume (default "
                              "WORK/ablation.json)")

@@ -22,11 +22,14 @@
 #    variant's row written into benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it,
 #    it is what a fresh machine resumes from. It comes before the rest of the states so that its table
 #    (hours earlier) can settle what those are for; the variant most likely to win trains first.
-# 4. The same states of every other answered conversation, into the same folder (50 GB in all).
-# 5. The data-size curve of step 3's best Beagle variant (highest offline tau; the fp32 check aside): the
-#    same recipe on the first 1/4, 1/2 and all of the training sequences (step 3 gave the eighth), offline and
-#    in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json), trained
-#    in the machine's precision (bf16 where the CPU has it, fp32 elsewhere; the file then pins it).
+#    Fractions count the store's training conversations (ablation.py --conversations), so the eighth stays
+#    an eighth however many states the folder holds by then.
+# 4. The data-size curve of step 3's best Beagle variant (highest offline tau; the fp32 check aside), point
+#    by point: the states of the first quarter of the training conversations, then the same recipe on them,
+#    offline and in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json);
+#    then the half, then all (about 50 GB of states in WORK at the end). Each point's reading comes hours
+#    before the whole curve would. Trained in the machine's precision (bf16 where the CPU has it, fp32
+#    elsewhere; the file then pins it).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -54,22 +57,32 @@ main() {
 
     "${BEAGLE[@]}" data "$TARGET" --out "$WORK/answers" "${DATA[@]}" --state none
     FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype "$STATE_DTYPE" --no-generate)
-    USABLE=15902  # the store's conversations (its manifest), of which the first 100 are held out
-    "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + (USABLE - 100) / 8))
+    TRAINING=15802  # the store's conversations (its manifest: 15,902) but the first 100, held out
     # Each variant's row lands in the committed results file as soon as it is measured; ablation.py skips the
     # rows already there, so the ablation carries over to another machine a variant at a time.
     EIGHTH=benchmarks/results/ablation-eighth-smollm2-cpu.json
-    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
-        --variants "${VARIANTS[@]}" --offline-sequences 1000 --json "$EIGHTH" -- "${TRAIN[@]}" --precision bf16
-    "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}"
+    PENDING=$("$PY" -c 'import json, sys
+print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))["variants"]))' \
+        "$EIGHTH" "${VARIANTS[@]/%/@0.125}")
+    if [ -n "$PENDING" ]; then  # else the states of the eighth's last shard would be made again for nothing
+        "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / 8))
+        "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
+            --conversations $TRAINING --variants $PENDING --offline-sequences 1000 --json "$EIGHTH" \
+            -- "${TRAIN[@]}" --precision bf16
+    fi
     BEST=$("$PY" -c 'import json, sys
-variants = json.load(open(sys.argv[1]))["variants"]
-beagle = [v for v in variants if not v.endswith("-fp32") and v != "eagle"]
-print(max(beagle, key=lambda v: variants[v]["offline"]["tau"]))' \
-        "$EIGHTH")
+rows = {v.partition("@")[0]: row for v, row in json.load(open(sys.argv[1]))["variants"].items()}
+beagle = [v for v in rows if not v.endswith("-fp32") and v != "eagle"]
+print(max(beagle, key=lambda v: rows[v]["offline"]["tau"]))' "$EIGHTH")
     echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
-    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" \
-        --work "$WORK/drafts-size" --variants "$BEST@0.25" "$BEST@0.5" "$BEST" --offline-sequences 1000 \
-        --json benchmarks/results/ablation-size-smollm2-cpu.json -- "${TRAIN[@]}" --precision "$PRECISION"
+    CURVE=()
+    for point in 4:@0.25 2:@0.5 1:; do  # a 1/part of the training conversations, and its variant suffix
+        part=${point%%:*}
+        "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / part))
+        CURVE+=("$BEST${point#*:}")
+        "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-size" --conversations $TRAINING \
+            --variants "${CURVE[@]}" --offline-sequences 1000 --json benchmarks/results/ablation-size-smollm2-cpu.json \
+            -- "${TRAIN[@]}" --precision "$PRECISION"
+    done
 }
 main "$@"

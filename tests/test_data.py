@@ -6,6 +6,7 @@ writes keeping what it finished."""
 import json
 import lzma
 import os
+import shutil
 
 import pytest
 import torch
@@ -194,5 +195,37 @@ def test_shards_of_several_folders_read_as_one_set_and_keep_a_fraction_of_each(t
     assert both.fingerprint() != ShardSet(str(tmp_path / "target")).fingerprint()
     both.keep_fraction(0.5)
     assert [s["input_ids"].tolist() for s in both.sequences] == [ids for ids, _ in first[:2] + second[:1]]
+    # A fraction that a later shard does not reach keeps its fingerprint when that shard is added.
+    half = ShardSet(str(tmp_path / "target"))
+    half.keep_fraction(0.5)
+    before = half.fingerprint()
+    whole = ShardSet(str(tmp_path / "target")).fingerprint()
+    shutil.copy(tmp_path / "own" / "shard-00000.safetensors", tmp_path / "target" / "shard-00002.safetensors")
+    again = ShardSet(str(tmp_path / "target"))
+    assert again.fingerprint() != whole
+    again.keep_fraction(2 / 6)
+    assert again.fingerprint() == before
     with pytest.raises(ShardError, match="no training shards"):
         ShardSet([str(tmp_path / "target"), str(tmp_path / "nothing")])
+
+
+def test_ablation_fractions_count_conversations_when_the_folder_holds_a_prefix(toy, tmp_path):
+    """benchmarks/ablation.py --conversations N: a size curve's point trains on its share of N conversations
+    from the shards of a prefix, and one that asks for more than the prefix holds is refused."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "ablation.py")
+    spec = importlib.util.spec_from_file_location("ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"Tell me about {i}"},
+                                                {"from": "gpt", "value": f"Here is {i}."}]} for i in range(5)]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(records))
+    build_dataset(toy["target_dir"], str(tmp_path / "out"), state="final_norm", dataset=str(tmp_path / "sharegpt.json"),
+                  heldout=1, shard_size=2, answers="dataset", progress=False)
+    train = str(tmp_path / "out" / "train")
+    assert ablation.held_conversations(train) == 4
+    assert ablation.data_fraction("top@0.25", train, None) == 0.25  # of the folder
+    assert ablation.data_fraction("top@0.25", train, 8) == 0.5 and ablation.data_fraction("top@0.5", train, 8) == 1
+    with pytest.raises(SystemExit, match="top trains on 8 of the 8 .* holds the states of 4"):
+        ablation.data_fraction("top", train, 8)

@@ -151,11 +151,13 @@ class ShardSet:
         return len(self._index)
 
     def fingerprint(self) -> str:
-        """sha256 over the shards' names and contents and the number of sequences used: what a training
-        state was trained on. Contents, not sizes: a shard rewritten in place with other states keeps its
-        size. Every shard is read through once for it."""
+        """sha256 over the names and contents of the shards the sequences in use come from, and their
+        number: what a training state was trained on. Contents, not sizes: a shard rewritten in place with
+        other states keeps its size. Only those shards (each read through once), so that a fraction of a
+        folder keeps its fingerprint, and can resume, while shards beyond it are added."""
         digest = hashlib.sha256(str(len(self)).encode())
-        for file in self.files:  # several folders: the same names in each, told apart by their contents
+        used = sorted({number for number, _, _ in self._index})
+        for file in (self.files[number] for number in used):  # several folders: names told apart by contents
             with open(file, "rb") as f:
                 digest.update(f"{os.path.basename(file)}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
         return digest.hexdigest()
