@@ -29,7 +29,7 @@
 #    offline and in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json);
 #    then the half, then all (about 50 GB of states in WORK at the end). Each point's reading comes hours
 #    before the whole curve would. Trained in the machine's precision (bf16 where the CPU has it, fp32
-#    elsewhere; the file then pins it).
+#    elsewhere); a curve begun keeps its variant and precision on any machine (the file pins them).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -70,19 +70,28 @@ print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))[
             --conversations $TRAINING --variants $PENDING --offline-sequences 1000 --json "$EIGHTH" \
             -- "${TRAIN[@]}" --precision bf16
     fi
-    BEST=$("$PY" -c 'import json, sys
-rows = {v.partition("@")[0]: row for v, row in json.load(open(sys.argv[1]))["variants"].items()}
-beagle = [v for v in rows if not v.endswith("-fp32") and v != "eagle"]
-print(max(beagle, key=lambda v: rows[v]["offline"]["tau"]))' "$EIGHTH")
-    echo "smollm2_pipeline.sh: the data-size curve of $BEST" >&2
+    SIZE=benchmarks/results/ablation-size-smollm2-cpu.json
+    CHOICE=$("$PY" - "$EIGHTH" "$SIZE" "$PRECISION" <<'EOF'
+import json, os, sys
+eighth, size, precision = sys.argv[1:]
+rows = {v.partition("@")[0]: row for v, row in json.load(open(eighth))["variants"].items()}
+best = max((v for v in rows if not v.endswith("-fp32") and v != "eagle"), key=lambda v: rows[v]["offline"]["tau"])
+if os.path.isfile(size):  # a curve begun (perhaps on another kind of machine) goes on as it began
+    begun = json.load(open(size))
+    best = next((v.partition("@")[0] for v in begun["variants"]), best)
+    precision = begun["options"][begun["options"].index("--precision") + 1]
+print(best, precision)
+EOF
+    )
+    read -r BEST PRECISION <<< "$CHOICE"
+    echo "smollm2_pipeline.sh: the data-size curve of $BEST, trained in $PRECISION" >&2
     CURVE=()
     for point in 4:@0.25 2:@0.5 1:; do  # a 1/part of the training conversations, and its variant suffix
         part=${point%%:*}
         "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / part))
         CURVE+=("$BEST${point#*:}")
         "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-size" --conversations $TRAINING \
-            --variants "${CURVE[@]}" --offline-sequences 1000 --json benchmarks/results/ablation-size-smollm2-cpu.json \
-            -- "${TRAIN[@]}" --precision "$PRECISION"
+            --variants "${CURVE[@]}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision "$PRECISION"
     done
 }
 main "$@"
