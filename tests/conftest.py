@@ -36,6 +36,17 @@ KS = (1, 3, 5)
 PARALLEL_KS = (3, 5, 7)
 
 
+def benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(HERE), "benchmarks", f"{name}.py")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def spec(draft_dir, k, method="eagle", parallel=False):
     return {"method": method, "model": draft_dir, "num_speculative_tokens": k} | (
         {"parallel_drafting": True} if parallel else {})

@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import BEAGLE
+from conftest import BEAGLE, benchmark
 
 from vllm_beagle.cli import SERVER_MODULE, serve_command
 from vllm_beagle.train.draft_vocab import DEFAULT_SIZE
@@ -254,15 +254,10 @@ def test_eval_json_is_one_object_on_stdout(toy, tmp_path):
 def test_draft_vocab_benchmark_trains_with_the_shipped_drafts_recipe():
     """benchmarks/draft_vocab.py reads its default `beagle train` options from the shipped Beagle draft's
     recorded command, so the sizes it compares are trained as the shipped draft was."""
-    import importlib.util
-
     from vllm_beagle.cli import build_parser
     from vllm_beagle.drafts import draft_path
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "draft_vocab.py")
-    spec = importlib.util.spec_from_file_location("draft_vocab", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark("draft_vocab")
     options = bench.shipped_recipe()
     assert not set(options) & set(bench.PER_RUN_OPTIONS)
     args = build_parser().parse_args(["train", "--data", "d", "--target", "t", "--out", "o", *options])

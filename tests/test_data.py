@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import benchmark
 from transformers import AutoTokenizer
 
 from vllm_beagle.prompts import load_prompts, mtbench_texts
@@ -212,12 +213,7 @@ def test_shards_of_several_folders_read_as_one_set_and_keep_a_fraction_of_each(t
 def test_ablation_fractions_count_conversations_when_the_folder_holds_a_prefix(toy, tmp_path):
     """benchmarks/ablation.py --conversations N: a size curve's point trains on its share of N conversations
     from the shards of a prefix, and one that asks for more than the prefix holds is refused."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "ablation.py")
-    spec = importlib.util.spec_from_file_location("ablation", path)
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    ablation = benchmark("ablation")
     records = [{"id": str(i), "conversations": [{"from": "human", "value": f"Tell me about {i}"},
                                                 {"from": "gpt", "value": f"Here is {i}."}]} for i in range(5)]
     (tmp_path / "sharegpt.json").write_text(json.dumps(records))
