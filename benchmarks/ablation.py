@@ -55,17 +55,23 @@ VARIANTS = {
     "top-noreg": ["--state", "final_norm", "--regression-weight", "0"],
     "fused": [],
     "fused-noreg": ["--regression-weight", "0"],
-    # Beside common options that train in bf16: what bf16 costs, if anything.
-    "fused-noreg-fp32": ["--regression-weight", "0", "--precision", "fp32"],
     # EAGLE-1 drafts over the full vocabulary, whatever draft vocabulary the common options ask for.
     "eagle": ["--arch", "eagle", "--draft-vocab", "0"],
 }
+# NAME-fp32 trains NAME in fp32 beside common options that ask for bf16: what bf16 costs, if anything, and
+# the variants a CPU without bf16 instructions can train.
+FP32 = "-fp32"
+
+
+def variant_options(name: str) -> list[str]:
+    return VARIANTS[name.removesuffix(FP32)] + (["--precision", "fp32"] if name.endswith(FP32) else [])
 
 
 def parse_variant(spec: str) -> tuple[str, float]:
     name, _, fraction = spec.partition("@")
-    if name not in VARIANTS:
-        raise SystemExit(f"ablation.py: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    if name.removesuffix(FP32) not in VARIANTS:
+        raise SystemExit(f"ablation.py: unknown variant {name!r}; known: {', '.join(VARIANTS)}, each also "
+                         f"as NAME{FP32}")
     value = float(fraction) if fraction else 1.0
     if not 0 < value <= 1:
         raise SystemExit(f"ablation.py: the fraction of {spec!r} must be in (0, 1]")
@@ -75,7 +81,7 @@ def parse_variant(spec: str) -> tuple[str, float]:
 def checkpoint_name(spec: str) -> str:
     # vLLM's --spec-model shorthand and our own naming: beagle-... and eagle-... folders.
     name, fraction = parse_variant(spec)
-    prefix = "eagle" if name == "eagle" else "beagle"
+    prefix = "eagle" if name.removesuffix(FP32) == "eagle" else "beagle"
     return f"{prefix}-{name}" + (f"-frac{fraction:g}" if fraction < 1 else "")
 
 
@@ -86,7 +92,7 @@ def train(spec: str, args, options: list[str]) -> str:
     name, _ = parse_variant(spec)
     fraction = data_fraction(spec, args.data, args.conversations)
     # The variant's own options come last: where both name an option, the variant's wins.
-    argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *options, *VARIANTS[name]]
+    argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *options, *variant_options(name)]
     if fraction < 1:
         argv += ["--data-fraction", f"{fraction:.6g}"]
     if args.heldout:
@@ -112,7 +118,7 @@ def data_fraction(spec: str, data: str, conversations: int | None) -> float:
 def held_conversations(data: str) -> int:
     """How many conversations the shards in `data` hold, from the range beagle data records in each."""
     ranges = [shard_range(path) for path in glob.glob(os.path.join(data, SHARD_GLOB))]
-    if not ranges or None in ranges:
+    if None in ranges:
         raise SystemExit(f"ablation.py: --conversations counts the conversations of shards that beagle data "
                          f"wrote from a dataset or response store; some in {data} record none")
     return sum(hi - lo for lo, hi in ranges)
@@ -189,7 +195,8 @@ def main() -> int:
     parser.add_argument("--work", default="ablation", help="where the drafts are trained (default ablation)")
     parser.add_argument("--variants", nargs="+", default=["top", "fused", "fused-noreg"],
                         help=f"variants to compare, NAME or NAME@FRACTION, trained and measured in this order; "
-                             f"names: {', '.join(VARIANTS)} (default: top fused fused-noreg)")
+                             f"names: {', '.join(VARIANTS)}, each also as NAME{FP32} (trained in fp32) "
+                             f"(default: top fused fused-noreg)")
     parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
     parser.add_argument("--prompts", default="mtbench", help="vLLM prompt set (default mtbench)")
     parser.add_argument("--num-prompts", type=int, default=16, help="vLLM prompts (default 16)")

@@ -46,12 +46,13 @@ main() {
            --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16)
 
     # bf16 where the CPU has bf16 instructions; elsewhere (AVX2 alone) a bf16 matrix product runs ~100x
-    # slower than an fp32 one (vllm_beagle/cpu.py): there the states come in fp32, and of the eighth's
-    # variants only the one trained in fp32 runs (the others wait for a machine with bf16).
+    # slower than an fp32 one (vllm_beagle/cpu.py): there the states come in fp32, and the eighth's variants
+    # train in fp32 (NAME-fp32; the token-only fused one showed bf16 costs nothing), the fused one with the
+    # regression beside the token-only one; the rest wait for a machine with bf16 or for later sessions.
     if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
         STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top fused top-noreg eagle fused-noreg-fp32)
     else
-        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32)
+        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32)
     fi
     echo "smollm2_pipeline.sh: states in $STATE_DTYPE, training in $PRECISION" >&2
 
@@ -64,8 +65,14 @@ main() {
     PENDING=$("$PY" -c 'import json, sys
 print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))["variants"]))' \
         "$EIGHTH" "${VARIANTS[@]/%/@0.125}")
-    if [ -n "$PENDING" ]; then  # else the states of the eighth's last shard would be made again for nothing
-        "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / 8))
+    # The conversations whose states the folder holds (0 where it has none yet): asking beagle data for fewer
+    # would make its last shard again, cut back.
+    HELD=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from ablation import held_conversations
+print(held_conversations(sys.argv[1]))' "$WORK/fused/train")
+    if [ -n "$PENDING" ]; then
+        if [ "$HELD" -lt $((TRAINING / 8)) ]; then
+            "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / 8))
+        fi
         "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
             --conversations $TRAINING --variants $PENDING --offline-sequences 1000 --json "$EIGHTH" \
             -- "${TRAIN[@]}" --precision bf16

@@ -225,3 +225,13 @@ def test_ablation_fractions_count_conversations_when_the_folder_holds_a_prefix(t
     assert ablation.data_fraction("top@0.25", train, 8) == 0.5 and ablation.data_fraction("top@0.5", train, 8) == 1
     with pytest.raises(SystemExit, match="top trains on 8 of the 8 .* holds the states of 4"):
         ablation.data_fraction("top", train, 8)
+    assert ablation.held_conversations(str(tmp_path / "nothing")) == 0
+
+
+def test_ablation_variants_train_in_fp32_by_their_suffix():
+    ablation = benchmark("ablation")
+    assert ablation.variant_options("eagle-fp32") == ablation.VARIANTS["eagle"] + ["--precision", "fp32"]
+    assert ablation.variant_options("fused") == ablation.VARIANTS["fused"]
+    assert ablation.checkpoint_name("eagle-fp32@0.125") == "eagle-eagle-fp32-frac0.125"
+    with pytest.raises(SystemExit, match="unknown variant 'fused-bf16'"):
+        ablation.parse_variant("fused-bf16")
