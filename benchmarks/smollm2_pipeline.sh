@@ -13,11 +13,12 @@
 #    ~6x slower there), stored in float16: about 4.6 kB a token, kept in WORK (never committed: they are
 #    made again from the store). An eighth, so that on a fresh machine of the slower kinds (an AMD EPYC
 #    with AVX512-BF16: 710 target tokens/s in bf16; one with AVX2 alone: 440 in fp32; an Intel Xeon with
-#    AMX: 2,000) its states and at least one variant fit in one 3-hour session.
+#    AMX: 2,000) its states and at least one variant fit in one 3-hour session. Skipped where WORK holds
+#    the states of more conversations already.
 # 3. Beagle variants on that eighth (top or fused states, with or without the state regression) and the
 #    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to
-#    show what bf16 costs, and on a CPU without bf16 that one alone: the others wait for a machine with
-#    it), then its offline tau on every held-out sequence and a vLLM run of its own on 16
+#    show what bf16 costs; on a CPU without bf16 the fused ones with and without the regression in fp32,
+#    the others waiting for a machine with it), then its offline tau on every held-out sequence and a vLLM run of its own on 16
 #    MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py), each
 #    variant's row written into benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it,
 #    it is what a fresh machine resumes from. It comes before the rest of the states so that its table
