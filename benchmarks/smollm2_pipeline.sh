@@ -13,8 +13,8 @@
 #    ~6x slower there), stored in float16: about 4.6 kB a token, kept in WORK (never committed: they are
 #    made again from the store). An eighth, so that on a fresh machine of the slower kinds (an AMD EPYC
 #    with AVX512-BF16: 710 target tokens/s in bf16; one with AVX2 alone: 440 in fp32; an Intel Xeon with
-#    AMX: 2,000) its states and at least one variant fit in one 3-hour session. Skipped where WORK holds
-#    the states of more conversations already.
+#    AMX: 2,000) its states and at least one variant fit in one 3-hour session. No step makes states that
+#    WORK holds already.
 # 3. Beagle variants on that eighth (top or fused states, with or without the state regression) and the
 #    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to
 #    show what bf16 costs; on a CPU without bf16 the fused ones with and without the regression in fp32,
@@ -60,20 +60,24 @@ main() {
     "${BEAGLE[@]}" data "$TARGET" --out "$WORK/answers" "${DATA[@]}" --state none
     FUSED=(--out "$WORK/fused" "${DATA[@]}" --state fused --state-dtype "$STATE_DTYPE" --no-generate)
     TRAINING=15802  # the store's conversations (its manifest: 15,902) but the first 100, held out
+    # The states of the held-out conversations and the first $1 training ones, unless the folder holds as many
+    # already: beagle data asked for fewer would make its last shard again, cut back.
+    states_of() {
+        local held
+        held=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from ablation import held_conversations
+print(held_conversations(sys.argv[1]))' "$WORK/fused/train")
+        if [ "$held" -lt "$1" ]; then
+            "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + $1))
+        fi
+    }
     # Each variant's row lands in the committed results file as soon as it is measured; ablation.py skips the
     # rows already there, so the ablation carries over to another machine a variant at a time.
     EIGHTH=benchmarks/results/ablation-eighth-smollm2-cpu.json
     PENDING=$("$PY" -c 'import json, sys
 print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))["variants"]))' \
         "$EIGHTH" "${VARIANTS[@]/%/@0.125}")
-    # The conversations whose states the folder holds (0 where it has none yet): asking beagle data for fewer
-    # would make its last shard again, cut back.
-    HELD=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from ablation import held_conversations
-print(held_conversations(sys.argv[1]))' "$WORK/fused/train")
     if [ -n "$PENDING" ]; then
-        if [ "$HELD" -lt $((TRAINING / 8)) ]; then
-            "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / 8))
-        fi
+        states_of $((TRAINING / 8))
         "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-eighth" \
             --conversations $TRAINING --variants $PENDING --offline-sequences 1000 --json "$EIGHTH" \
             -- "${TRAIN[@]}" --precision bf16
@@ -96,7 +100,7 @@ EOF
     CURVE=()
     for point in 4:@0.25 2:@0.5 1:; do  # a 1/part of the training conversations, and its variant suffix
         part=${point%%:*}
-        "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + TRAINING / part))
+        states_of $((TRAINING / part))
         CURVE+=("$BEST${point#*:}")
         "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-size" --conversations $TRAINING \
             --variants "${CURVE[@]}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision "$PRECISION"
