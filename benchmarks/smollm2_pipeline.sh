@@ -16,9 +16,9 @@
 #    AMX: 2,000) its states and at least one variant fit in one 3-hour session. No step makes states that
 #    WORK holds already.
 # 3. Beagle variants on that eighth (top or fused states, with or without the state regression) and the
-#    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; one fused variant in fp32 too, to
-#    show what bf16 costs; on a CPU without bf16 the fused ones with and without the regression in fp32,
-#    the others waiting for a machine with it), then its offline tau on every held-out sequence and a vLLM run of its own on 16
+#    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; the fused ones with and without the
+#    regression in fp32 too, which shows what bf16 costs and is all that a CPU without bf16 trains, the others
+#    waiting for a machine with it), then its offline tau on every held-out sequence and a vLLM run of its own on 16
 #    MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py), each
 #    variant's row written into benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it,
 #    it is what a fresh machine resumes from. It comes before the rest of the states so that its table
@@ -29,8 +29,9 @@
 #    by point: the states of the first quarter of the training conversations, then the same recipe on them,
 #    offline and in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json);
 #    then the half, then all (about 50 GB of states in WORK at the end). Each point's reading comes hours
-#    before the whole curve would. Trained in the machine's precision (bf16 where the CPU has it, fp32
-#    elsewhere); a curve begun keeps its variant and precision on any machine (the file pins them).
+#    before the whole curve would. Each point is trained in the machine's precision (bf16 where the CPU has
+#    it; elsewhere fp32, and the point's name says so: NAME-fp32@F), a point measured on any machine is not
+#    trained again, and a curve begun keeps its variant.
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -51,7 +52,7 @@ main() {
     # train in fp32 (NAME-fp32; the token-only fused one showed bf16 costs nothing), the fused one with the
     # regression beside the token-only one; the rest wait for a machine with bf16 or for later sessions.
     if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
-        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top fused top-noreg eagle fused-noreg-fp32)
+        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg eagle fused-noreg-fp32 fused-fp32)
     else
         STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32)
     fi
@@ -83,27 +84,27 @@ print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))[
             -- "${TRAIN[@]}" --precision bf16
     fi
     SIZE=benchmarks/results/ablation-size-smollm2-cpu.json
-    CHOICE=$("$PY" - "$EIGHTH" "$SIZE" "$PRECISION" <<'EOF'
+    # The curve's three points by name: a point measured already keeps the name it has in the size file.
+    POINTS=$("$PY" - "$EIGHTH" "$SIZE" "$PRECISION" <<'EOF'
 import json, os, sys
 eighth, size, precision = sys.argv[1:]
-rows = {v.partition("@")[0]: row for v, row in json.load(open(eighth))["variants"].items()}
-best = max((v for v in rows if not v.endswith("-fp32") and v != "eagle"), key=lambda v: rows[v]["offline"]["tau"])
-if os.path.isfile(size):  # a curve begun (perhaps on another kind of machine) goes on as it began
-    begun = json.load(open(size))
-    best = next((v.partition("@")[0] for v in begun["variants"]), best)
-    precision = begun["options"][begun["options"].index("--precision") + 1]
-print(best, precision)
+base = lambda v: v.partition("@")[0].removesuffix("-fp32")
+rows = {v: row for v, row in json.load(open(eighth))["variants"].items() if base(v) != "eagle"}
+best = base(max(rows, key=lambda v: rows[v]["offline"]["tau"]))
+done = json.load(open(size)).get("variants", {}) if os.path.isfile(size) else {}
+best = next((base(v) for v in done), best)  # a curve begun (perhaps on another kind of machine) goes on with it
+for suffix in ("@0.25", "@0.5", ""):
+    measured = [v for v in (best + suffix, best + "-fp32" + suffix) if v in done]
+    print(measured[0] if measured else best + ("-fp32" if precision == "fp32" else "") + suffix)
 EOF
     )
-    read -r BEST PRECISION <<< "$CHOICE"
-    echo "smollm2_pipeline.sh: the data-size curve of $BEST, trained in $PRECISION" >&2
-    CURVE=()
-    for point in 4:@0.25 2:@0.5 1:; do  # a 1/part of the training conversations, and its variant suffix
-        part=${point%%:*}
-        states_of $((TRAINING / part))
-        CURVE+=("$BEST${point#*:}")
+    read -r -d '' -a POINTS <<< "$POINTS" || true
+    echo "smollm2_pipeline.sh: the data-size curve: ${POINTS[*]}" >&2
+    PARTS=(4 2 1)  # each point trains on 1/part of the training conversations
+    for i in 0 1 2; do
+        states_of $((TRAINING / PARTS[i]))
         "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-size" --conversations $TRAINING \
-            --variants "${CURVE[@]}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision "$PRECISION"
+            --variants "${POINTS[@]:0:i+1}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision bf16
     done
 }
 main "$@"
