@@ -48,9 +48,9 @@ main() {
            --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16)
 
     # bf16 where the CPU has bf16 instructions; elsewhere (AVX2 alone) a bf16 matrix product runs ~100x
-    # slower than an fp32 one (vllm_beagle/cpu.py): there the states come in fp32, and the eighth's variants
-    # train in fp32 (NAME-fp32; the token-only fused one showed bf16 costs nothing), the fused one with the
-    # regression beside the token-only one; the rest wait for a machine with bf16 or for later sessions.
+    # slower than an fp32 one (vllm_beagle/cpu.py): there the states come in fp32, and the eighth trains only
+    # the fused pair with and without the regression, in fp32 (NAME-fp32; the token-only fused one showed
+    # bf16 costs nothing); the rest wait for a machine with bf16, which trains that pair in fp32 as well.
     if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
         STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg eagle fused-noreg-fp32 fused-fp32)
     else
