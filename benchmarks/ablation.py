@@ -6,7 +6,7 @@ decoding (first and last, speed-ups over the mean of the two) and n-gram draftin
 
     python benchmarks/ablation.py --data DATA/train [--heldout DATA/heldout] [--work ablation]
         [--variants top fused fused-noreg fused@0.25 ...] [--k 3] [--prompts mtbench] [--num-prompts 16]
-        [--max-tokens 128] [--eager] [--conversations N] [--json FILE] [-- TRAIN OPTIONS]
+        [--max-tokens 128] [--eager] [--conversations N] [--own-answers DIR] [--json FILE] [-- TRAIN OPTIONS]
 
 A variant is a name from VARIANTS, optionally with @F to train on the first fraction F of the training
 sequences (the data's conversations are in a seeded random order, so a prefix is a uniform sample): the
@@ -15,7 +15,9 @@ than of those --data holds, and a name alone means all N: the shards of a prefix
 it covers, so that a curve is read point by point while beagle data extracts the rest into the same
 folder (a variant that asks for more than --data holds is refused, naming what is there). Shards of
 fused states serve every variant (top-state drafts and EAGLE-1 read the final states those shards
-carry). TRAIN OPTIONS go to every `beagle train` (default: beagle train's defaults).
+carry). A name may carry -fp32 (trained in fp32) and +own (trained on the dataset's own answers to the same
+conversations as well, from --own-answers, counted as --data is). TRAIN OPTIONS go to every `beagle train`
+(default: beagle train's defaults).
 
 It resumes at two grains. A variant's row goes into the results file (--json, default WORK/ablation.json)
 as soon as it is measured, and a variant already there is not trained or measured again: a results file
@@ -59,19 +61,27 @@ VARIANTS = {
     "eagle": ["--arch", "eagle", "--draft-vocab", "0"],
 }
 # NAME-fp32 trains NAME in fp32 beside common options that ask for bf16: what bf16 costs, if anything, and
-# the variants a CPU without bf16 instructions can train.
+# the variants a CPU without bf16 instructions can train. NAME+own (after -fp32, if both) also trains on the
+# dataset's own answers to the same conversations (--own-answers), the same share of them.
 FP32 = "-fp32"
+OWN = "+own"
+
+
+def base_name(name: str) -> str:
+    """The VARIANTS entry of a variant name without its fraction."""
+    return name.removesuffix(OWN).removesuffix(FP32)
 
 
 def variant_options(name: str) -> list[str]:
-    return VARIANTS[name.removesuffix(FP32)] + (["--precision", "fp32"] if name.endswith(FP32) else [])
+    fp32 = name.removesuffix(OWN).endswith(FP32)
+    return VARIANTS[base_name(name)] + (["--precision", "fp32"] if fp32 else [])
 
 
 def parse_variant(spec: str) -> tuple[str, float]:
     name, _, fraction = spec.partition("@")
-    if name.removesuffix(FP32) not in VARIANTS:
+    if base_name(name) not in VARIANTS:
         raise SystemExit(f"ablation.py: unknown variant {name!r}; known: {', '.join(VARIANTS)}, each also "
-                         f"as NAME{FP32}")
+                         f"as NAME{FP32}, NAME{OWN} and NAME{FP32}{OWN}")
     value = float(fraction) if fraction else 1.0
     if not 0 < value <= 1:
         raise SystemExit(f"ablation.py: the fraction of {spec!r} must be in (0, 1]")
@@ -81,7 +91,7 @@ def parse_variant(spec: str) -> tuple[str, float]:
 def checkpoint_name(spec: str) -> str:
     # vLLM's --spec-model shorthand and our own naming: beagle-... and eagle-... folders.
     name, fraction = parse_variant(spec)
-    prefix = "eagle" if name.removesuffix(FP32) == "eagle" else "beagle"
+    prefix = "eagle" if base_name(name) == "eagle" else "beagle"
     return f"{prefix}-{name}" + (f"-frac{fraction:g}" if fraction < 1 else "")
 
 
@@ -89,17 +99,28 @@ def train(spec: str, args, options: list[str]) -> str:
     out = os.path.join(args.work, checkpoint_name(spec))
     if os.path.isfile(os.path.join(out, CONFIG_FILE)):
         return out
-    name, _ = parse_variant(spec)
-    fraction = data_fraction(spec, args.data, args.conversations)
-    # The variant's own options come last: where both name an option, the variant's wins.
-    argv = ["train", "--data", args.data, "--target", args.target, "--out", out, *options, *variant_options(name)]
-    if fraction < 1:
-        argv += ["--data-fraction", f"{fraction:.6g}"]
-    if args.heldout:
-        argv += ["--heldout", args.heldout]
+    argv = train_argv(spec, args, options, out)
     print("ablation.py: beagle " + " ".join(argv), file=sys.stderr, flush=True)
     subprocess.run([sys.executable, "-m", "vllm_beagle.cli", *argv], check=True)
     return out
+
+
+def train_argv(spec: str, args, options: list[str], out: str) -> list[str]:
+    """The `beagle train` arguments of one variant."""
+    name, _ = parse_variant(spec)
+    folders = [args.data]
+    if name.endswith(OWN):
+        if not args.own_answers:
+            raise SystemExit(f"ablation.py: {spec} trains on the dataset's own answers too: give --own-answers")
+        folders.append(args.own_answers)
+    fractions = [data_fraction(spec, folder, args.conversations) for folder in folders]
+    # The variant's own options come last: where both name an option, the variant's wins.
+    argv = ["train", "--data", *folders, "--target", args.target, "--out", out, *options, *variant_options(name)]
+    if min(fractions) < 1:
+        argv += ["--data-fraction", *(f"{fraction:.6g}" for fraction in fractions)]
+    if args.heldout:
+        argv += ["--heldout", args.heldout]
+    return argv
 
 
 def data_fraction(spec: str, data: str, conversations: int | None) -> float:
@@ -162,7 +183,8 @@ def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dic
         state_dtype = json.load(f)["state_dtype"]
     return {"checkpoint": path, "measured": datetime.date.today().isoformat(), "state_dtype": state_dtype,
             "offline": offline, "offline_first": offline_first,
-            "sequences": training.get("sequences"), "stats": training.get("stats"), "vllm": run[spec],
+            "data": training.get("data"), "sequences": training.get("sequences"), "stats": training.get("stats"),
+            "vllm": run[spec],
             "ngram": run["ngram"], "plain": run[PLAIN], "plain_again": run[PLAIN_AGAIN]}
 
 
@@ -196,6 +218,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["top", "fused", "fused-noreg"],
                         help=f"variants to compare, NAME or NAME@FRACTION, trained and measured in this order; "
                              f"names: {', '.join(VARIANTS)}, each also as NAME{FP32} (trained in fp32) "
+                             f"and NAME{OWN} (with --own-answers) "
                              f"(default: top fused fused-noreg)")
     parser.add_argument("--k", type=int, default=3, help="draft tokens per round (default 3)")
     parser.add_argument("--prompts", default="mtbench", help="vLLM prompt set (default mtbench)")
@@ -207,6 +230,9 @@ def main() -> int:
     parser.add_argument("--conversations", type=int, default=None,
                         help="the training conversations that fractions count from (default: those in --data); "
                              "--data may then hold a prefix of them")
+    parser.add_argument("--own-answers", default=None,
+                        help="shards of the dataset's own answers to the same conversations (OUT/train of beagle "
+                             f"data --answers dataset), for the NAME{OWN} variants")
     parser.add_argument("--json", default=None,
                         help="the results file, written after each variant and read to resume (default "
                              "WORK/ablation.json)")

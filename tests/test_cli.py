@@ -195,6 +195,9 @@ def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_wit
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--attention", "flex", "--device", "cpu"], "attention flex needs a CUDA device"),
     (["--tf32", "--device", "cpu"], "--tf32 needs a CUDA device"),
+    (["--data-fraction", "0.5", "0.5"], "--data-fraction takes one fraction for every --data folder or one for "
+                                        "each of the 1, got 2"),
+    (["--data-fraction", "1.5"], "--data-fraction must be in (0, 1], got 1.5"),
 ])
 def test_train_refuses_impossible_options_by_name(toy, shards, tmp_path, options, message):
     out = str(tmp_path / "beagle-refused")

@@ -3,6 +3,7 @@ held to), turns chained into sequences, evaluation prompts kept out, fused shard
 drafts of the final state, shards of a file's own answers, and a generation interrupted between chunk
 writes keeping what it finished."""
 
+import argparse
 import json
 import lzma
 import os
@@ -196,6 +197,11 @@ def test_shards_of_several_folders_read_as_one_set_and_keep_a_fraction_of_each(t
     assert both.fingerprint() != ShardSet(str(tmp_path / "target")).fingerprint()
     both.keep_fraction(0.5)
     assert [s["input_ids"].tolist() for s in both.sequences] == [ids for ids, _ in first[:2] + second[:1]]
+    per_folder = ShardSet([str(tmp_path / "target"), str(tmp_path / "own")])
+    per_folder.keep_fraction(0.75, 1)
+    assert [s["input_ids"].tolist() for s in per_folder.sequences] == [ids for ids, _ in first[:3] + second]
+    with pytest.raises(ValueError, match="3 fractions for the 2 folders"):
+        per_folder.keep_fraction(1, 1, 1)
     # A fraction that a later shard does not reach keeps its fingerprint when that shard is added.
     half = ShardSet(str(tmp_path / "target"))
     half.keep_fraction(0.5)
@@ -226,12 +232,26 @@ def test_ablation_fractions_count_conversations_when_the_folder_holds_a_prefix(t
     with pytest.raises(SystemExit, match="top trains on 8 of the 8 .* holds the states of 4"):
         ablation.data_fraction("top", train, 8)
     assert ablation.held_conversations(str(tmp_path / "nothing")) == 0
+    # NAME+own trains on the dataset's own answers too, the same conversations counted in each folder.
+    build_dataset(toy["target_dir"], str(tmp_path / "own"), state="final_norm", dataset=str(tmp_path / "sharegpt.json"),
+                  num_prompts=3, heldout=1, shard_size=2, answers="dataset", progress=False)
+    own = str(tmp_path / "own" / "train")
+    args = argparse.Namespace(data=train, own_answers=own, conversations=8, target="T", heldout=None)
+    argv = ablation.train_argv("top-fp32+own@0.25", args, ["--lr", "1e-3"], "OUT")
+    assert argv[:4] == ["train", "--data", train, own] and argv[argv.index("--data-fraction") + 1:] == ["0.5", "1"]
+    assert argv[argv.index("--precision") + 1] == "fp32" and "final_norm" in argv
+    with pytest.raises(SystemExit, match=r"top\+own@0.5 trains on 4 of the 8 .* holds the states of 2"):
+        ablation.train_argv("top+own@0.5", args, [], "OUT")
+    with pytest.raises(SystemExit, match="give --own-answers"):
+        ablation.train_argv("top+own@0.25", argparse.Namespace(**{**vars(args), "own_answers": None}), [], "OUT")
 
 
 def test_ablation_variants_train_in_fp32_by_their_suffix():
     ablation = benchmark("ablation")
     assert ablation.variant_options("eagle-fp32") == ablation.VARIANTS["eagle"] + ["--precision", "fp32"]
     assert ablation.variant_options("fused") == ablation.VARIANTS["fused"]
+    assert ablation.variant_options("fused-fp32+own") == ablation.VARIANTS["fused"] + ["--precision", "fp32"]
     assert ablation.checkpoint_name("eagle-fp32@0.125") == "eagle-eagle-fp32-frac0.125"
-    with pytest.raises(SystemExit, match="unknown variant 'fused-bf16'"):
-        ablation.parse_variant("fused-bf16")
+    for unknown in ("fused-bf16", "fused+own-fp32"):  # -fp32 comes before +own
+        with pytest.raises(SystemExit, match=f"unknown variant '{unknown.replace('+', '.')}'"):
+            ablation.parse_variant(unknown)

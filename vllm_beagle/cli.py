@@ -392,9 +392,10 @@ def add_train_command(sub) -> None:
                     help="beagle (default), or eagle: the EAGLE-1 baseline, trained on the same data for as many "
                          "epochs as both Beagle stages and written in the format vLLM's method eagle loads "
                          "(name its folder eagle-...)")
-    tr.add_argument("--data-fraction", type=float, default=1.0, metavar="F",
-                    help="train on the first fraction F of each data folder's sequences (beagle data orders "
-                         "conversations randomly, so this is a uniform sample; default 1)")
+    tr.add_argument("--data-fraction", type=float, nargs="+", default=[1.0], metavar="F",
+                    help="train on the first fraction F of each data folder's sequences, or one F per --data "
+                         "folder in their order (beagle data orders conversations randomly, so this is a "
+                         "uniform sample; default 1)")
     tr.add_argument("--state", default=None,
                     help="the target state the draft reads: the one the shards hold (default), or final_norm, "
                          "which shards of a pre-norm kind (layer, fused) also carry")

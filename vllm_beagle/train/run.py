@@ -32,7 +32,7 @@ class TrainJob:
     mask_token_id: int | None = None  # None: new_draft's default for parallel drafting
     draft_vocab: int | None = None  # None: draft_vocab.default_size
     state: str | None = None  # None: the shards' own
-    data_fraction: float = 1.0
+    data_fraction: list[float] = dataclasses.field(default_factory=lambda: [1.0])  # one for all, or per folder
     heldout: str | None = None  # None: a heldout folder beside `data`, if there is one
     work_dir: str | None = None  # None: OUT.train
     device: str | None = None  # None: cuda when available
@@ -60,8 +60,11 @@ def check_job(job: TrainJob, cfg: TrainConfig) -> None:
     if job.drafting == "parallel" and cfg.stage2_epochs:
         raise ValueError("--drafting parallel feeds no draft step back, so there is no stage 2 to simulate: "
                          "pass --stage2-epochs 0 (and as many --stage1-epochs as you want epochs)")
-    if not 0 < job.data_fraction <= 1:
-        raise ValueError(f"--data-fraction must be in (0, 1], got {job.data_fraction}")
+    if len(job.data_fraction) not in (1, len(job.data)):
+        raise ValueError(f"--data-fraction takes one fraction for every --data folder or one for each of the "
+                         f"{len(job.data)}, got {len(job.data_fraction)}")
+    if not all(0 < f <= 1 for f in job.data_fraction):
+        raise ValueError(f"--data-fraction must be in (0, 1], got {' '.join(map(str, job.data_fraction))}")
     if job.tf32 and torch.device(device).type != "cuda":
         raise ValueError("--tf32 needs a CUDA device")
     config = os.path.join(job.out, CONFIG_FILE)
@@ -103,7 +106,7 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     # EAGLE-1 reads the final state, which shards of every kind carry.
     state = job.state or ("final_norm" if job.arch == "eagle" else None)
     data = ShardSet(job.data, vocab_size, state)
-    data.keep_fraction(job.data_fraction)
+    data.keep_fraction(*job.data_fraction)
     heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
     draft, facts = new_draft(target, data, job.arch, job.kv_mode, draft_vocab, cfg.seed, job.drafting,
                              job.mask_token_id)

@@ -162,14 +162,18 @@ class ShardSet:
                 digest.update(f"{os.path.basename(file)}:{hashlib.file_digest(f, 'sha256').hexdigest()};".encode())
         return digest.hexdigest()
 
-    def keep_fraction(self, fraction: float) -> None:
-        """Use only the first `fraction` of each folder's sequences, at least one of each (a prefix of beagle
-        data's seeded order is a uniform sample)."""
+    def keep_fraction(self, *fractions: float) -> None:
+        """Use only the first fraction of each folder's sequences (one fraction for all, or one per folder), at
+        least one of each (a prefix of beagle data's seeded order is a uniform sample)."""
         folder_of = [self._folder_of_file[number] for number, _, _ in self._index]
+        folders = sorted(set(folder_of))
+        if len(fractions) not in (1, len(folders)):
+            raise ValueError(f"{len(fractions)} fractions for the {len(folders)} folders {self.folder}")
+        fractions *= len(folders) // len(fractions)
         kept = []
-        for k in sorted(set(folder_of)):
+        for k, share in zip(folders, fractions):
             mine = [i for i, f in enumerate(folder_of) if f == k]
-            kept += mine[:max(1, round(len(mine) * fraction))]
+            kept += mine[:max(1, round(len(mine) * share))]
         self._index = [self._index[i] for i in kept]
         self._tokens = [self._tokens[i] for i in kept]
 
