@@ -25,13 +25,16 @@
 #    (hours earlier) can settle what those are for; the variant most likely to win trains first.
 #    Fractions count the store's training conversations (ablation.py --conversations), so the eighth stays
 #    an eighth however many states the folder holds by then.
-# 4. The data-size curve of step 3's best Beagle variant (highest offline tau; the fp32 check aside), point
+# 4. The data-size curve of step 3's best Beagle variant (highest offline tau, in either precision), point
 #    by point: the states of the first quarter of the training conversations, then the same recipe on them,
 #    offline and in vLLM (benchmarks/ablation.py again, into benchmarks/results/ablation-size-smollm2-cpu.json);
 #    then the half, then all (about 50 GB of states in WORK at the end). Each point's reading comes hours
 #    before the whole curve would. Each point is trained in the machine's precision (bf16 where the CPU has
 #    it; elsewhere fp32, and the point's name says so: NAME-fp32@F), a point measured on any machine is not
 #    trained again, and a curve begun keeps its variant.
+# 5. Between the quarter and the half: whether the dataset's own answers help beside the target's. Fused
+#    states of ShareGPT's own answers to the eighth's conversations (only a prefill each; WORK/own), and the
+#    curve's variant trained on the eighth of both (NAME+own@0.125, a row of the eighth's file).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -41,9 +44,10 @@ main() {
     PY=${PY:-.venv/bin/python}
     BEAGLE=(env HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4} "$PY" -m vllm_beagle.cli)
     TARGET=$("$PY" -c "from vllm_beagle.smollm2 import smollm2_dir; print(smollm2_dir())")
-    # The store's settings (its manifest refuses any other), and which conversations are held out.
-    DATA=(--responses data/smollm2-sharegpt --max-prompt-len 1024 --max-new-tokens 256 --turns 4 --heldout 100
-          --dtype bfloat16 --max-num-seqs 256)
+    # The store's settings (its manifest refuses any other): which conversations, cut where, and which are held
+    # out (SELECT, which the dataset's own answers share), and how the target generated.
+    SELECT=(--max-prompt-len 1024 --max-new-tokens 256 --turns 4 --heldout 100)
+    DATA=(--responses data/smollm2-sharegpt "${SELECT[@]}" --dtype bfloat16 --max-num-seqs 256)
     TRAIN=(--draft-vocab 8192 --window 3 --sim-steps 3 --stage1-epochs 2 --stage2-epochs 1 --batch-size 4
            --max-len 1280 --lr 1e-3 --warmup-steps 50 --save-every 50 --export-dtype float16)
 
@@ -84,27 +88,38 @@ print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))[
             -- "${TRAIN[@]}" --precision bf16
     fi
     SIZE=benchmarks/results/ablation-size-smollm2-cpu.json
-    # The curve's three points by name: a point measured already keeps the name it has in the size file.
+    # The curve's three points by name, and the eighth's draft of the curve's variant trained on the dataset's
+    # own answers too: a row measured already keeps the name it has (on a machine of another kind, another).
     POINTS=$("$PY" - "$EIGHTH" "$SIZE" "$PRECISION" <<'EOF'
 import json, os, sys
 eighth, size, precision = sys.argv[1:]
 base = lambda v: v.partition("@")[0].removesuffix("-fp32")
-rows = {v: row for v, row in json.load(open(eighth))["variants"].items() if base(v) != "eagle"}
-best = base(max(rows, key=lambda v: rows[v]["offline"]["tau"]))
+rows = json.load(open(eighth))["variants"]
+best = base(max((v for v in rows if base(v) in ("top", "top-noreg", "fused", "fused-noreg")),
+                key=lambda v: rows[v]["offline"]["tau"]))
 done = json.load(open(size)).get("variants", {}) if os.path.isfile(size) else {}
 best = next((base(v) for v in done), best)  # a curve begun (perhaps on another kind of machine) goes on with it
-for suffix in ("@0.25", "@0.5", ""):
-    measured = [v for v in (best + suffix, best + "-fp32" + suffix) if v in done]
-    print(measured[0] if measured else best + ("-fp32" if precision == "fp32" else "") + suffix)
+for suffix, measured in (("@0.25", done), ("@0.5", done), ("", done), ("+own@0.125", rows)):
+    names = [v for v in (best + suffix, best + "-fp32" + suffix) if v in measured]
+    print(names[0] if names else best + ("-fp32" if precision == "fp32" else "") + suffix)
 EOF
     )
     read -r -d '' -a POINTS <<< "$POINTS" || true
-    echo "smollm2_pipeline.sh: the data-size curve: ${POINTS[*]}" >&2
+    echo "smollm2_pipeline.sh: the data-size curve: ${POINTS[*]:0:3}; with the dataset's answers: ${POINTS[3]}" >&2
     PARTS=(4 2 1)  # each point trains on 1/part of the training conversations
-    for i in 0 1 2; do
-        states_of $((TRAINING / PARTS[i]))
+    curve_point() {  # POINTS[$1] after the states it needs, the points before it skipped as measured
+        states_of $((TRAINING / PARTS[$1]))
         "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-size" --conversations $TRAINING \
-            --variants "${POINTS[@]:0:i+1}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision bf16
-    done
+            --variants "${POINTS[@]:0:$1+1}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision bf16
+    }
+    curve_point 0
+    # 5. The dataset's own answers (only a prefill each) beside the target's, for the eighth's conversations.
+    "${BEAGLE[@]}" data "$TARGET" --out "$WORK/own" "${SELECT[@]}" --answers dataset --state fused \
+        --state-dtype "$STATE_DTYPE" --num-prompts $((100 + TRAINING / 8))
+    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --own-answers "$WORK/own/train" --work "$WORK/drafts-eighth" \
+        --conversations $TRAINING --variants "${POINTS[3]}" --offline-sequences 1000 --json "$EIGHTH" \
+        -- "${TRAIN[@]}" --precision bf16
+    curve_point 1
+    curve_point 2
 }
 main "$@"
