@@ -89,7 +89,7 @@ print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))[
     fi
     SIZE=benchmarks/results/ablation-size-smollm2-cpu.json
     # The curve's three points by name, and the eighth's draft of the curve's variant trained on the dataset's
-    # own answers too: a row measured already keeps the name it has (on a machine of another kind, another).
+    # own answers too: a row measured already keeps its name, whose precision may not be this machine's.
     POINTS=$("$PY" - "$EIGHTH" "$SIZE" "$PRECISION" <<'EOF'
 import json, os, sys
 eighth, size, precision = sys.argv[1:]
