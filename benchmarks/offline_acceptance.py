@@ -6,9 +6,14 @@ wanted, without vLLM.
     python benchmarks/offline_acceptance.py --data data-smollm2/heldout [--target DIR] [--k 3]
                                             [--sequences 40] [--within N] [--json F] DRAFT [DRAFT ...]
 
-DRAFT is `beagle`, `eagle-baseline` (the shipped drafts) or a checkpoint folder. Fast (seconds per
-draft on CPU) and steady across runs, so it compares drafts trained on the same data; vLLM's counters
-on real prompts (`benchmarks/acceptance.py`) remain the figure of record.
+DRAFT is `beagle`, `eagle-baseline` (the shipped drafts), a checkpoint folder, or `ngram`: vLLM's own
+prompt-lookup proposer (prompt_lookup_min 2, max 4, as the benchmarks serve it) at the same rounds (a round
+where it finds no match counts as one with nothing accepted; vLLM's tau counts only the rounds that draft). With
+`ngram` among the drafts, each other draft's row also says how it does where n-gram drafting is accepted
+and where it is not, and the tau a round-by-round choice of the better of the two would reach: whether a
+draft misses what copying from the context finds. Fast (seconds per draft on CPU) and steady across runs,
+so it compares drafts trained on the same data; vLLM's counters on real prompts
+(`benchmarks/acceptance.py`) remain the figure of record.
 """
 
 from __future__ import annotations
@@ -17,15 +22,34 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from vllm_beagle.drafts import draft_path
+from vllm_beagle.drafts import NGRAM, draft_path, speculative_config
 from vllm_beagle.schema import state_name
 from vllm_beagle.smollm2 import smollm2_dir
-from vllm_beagle.train.evaluate import load_draft, offline_acceptance
+from vllm_beagle.train.evaluate import acceptance, accepted_per_round, load_draft, proposer
 from vllm_beagle.train.shards import ShardSet
 from vllm_beagle.verifier import target_name
+
+
+def ngram_proposer(k: int):
+    """propose(tokens, states) as vLLM's `method: ngram` drafts (its own matching function, pinned with vLLM)."""
+    from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as match
+
+    config = speculative_config(NGRAM, k)
+    lo, hi = config["prompt_lookup_min"], config["prompt_lookup_max"]
+    return lambda tokens, _states: match(tokens.numpy().astype(np.int32), lo, hi, 1 << 30, k).tolist()
+
+
+def versus(accepted: list[int], ngram: list[int], k: int) -> dict:
+    """A draft's rounds split by whether n-gram drafting had a token accepted there, and the better of both."""
+    copied = [a for a, b in zip(accepted, ngram, strict=True) if b]
+    other = [a for a, b in zip(accepted, ngram, strict=True) if not b]
+    return {"ngram_rounds": len(copied), "where_ngram_accepts": acceptance(copied, k),
+            "elsewhere": acceptance(other, k),
+            "better_of_both": acceptance([max(a, b) for a, b in zip(accepted, ngram, strict=True)], k)}
 
 
 def main() -> int:
@@ -45,18 +69,31 @@ def main() -> int:
 
     target_dir = args.target or smollm2_dir()
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    rounds = {"k": args.k, "max_sequences": args.sequences, "within": args.within}
+    ngram = None
+    if NGRAM in args.drafts:
+        ngram = accepted_per_round(ngram_proposer(args.k), ShardSet(args.data, target.config.vocab_size), **rounds)
     results = []
     print(f"{args.sequences} sequences at most of {args.data}, K = {args.k}"
           + (f", rounds within the first {args.within} response tokens" if args.within else "") + "\n")
-    print("| draft | tau | per-position acceptance | rounds |\n|---|---|---|---|")
+    print("| draft | tau | per-position acceptance | rounds |" + (
+        " tau where n-gram is accepted / elsewhere | better of it and n-gram |" if ngram else "")
+        + "\n|---|---|---|---|" + ("---|---|" if ngram else ""))
     for name in args.drafts:
-        draft = load_draft(draft_path(name), target)
-        # Shards of a pre-norm kind also serve drafts that read the final state.
-        data = ShardSet(args.data, target.config.vocab_size, state_name(draft.cfg))
-        r = offline_acceptance(draft, data, args.k, args.sequences, within=args.within)
+        if name == NGRAM:
+            accepted, row = ngram, {}
+        else:
+            draft = load_draft(draft_path(name), target)
+            # Shards of a pre-norm kind also serve drafts that read the final state.
+            data = ShardSet(args.data, target.config.vocab_size, state_name(draft.cfg))
+            accepted = accepted_per_round(proposer(draft, args.k), data, **rounds)
+            row = versus(accepted, ngram, args.k) if ngram else {}
+        r = {**acceptance(accepted, args.k), **row}
         results.append({"draft": name, "k": args.k, **r})
         rates = " / ".join(f"{x:.2f}" for x in r["per_position"])
-        print(f"| {name} | {r['tau']:.2f} | {rates} | {r['rounds']} |", flush=True)
+        extra = (f" {r['where_ngram_accepts']['tau']:.2f} ({r['ngram_rounds']} rounds) / {r['elsewhere']['tau']:.2f} | "
+                 f"{r['better_of_both']['tau']:.2f} |") if row else (" | |" if ngram else "")
+        print(f"| {name} | {r['tau']:.2f} | {rates} | {r['rounds']} |{extra}", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             # The data as given and the target by its hub id (or folder name): no path of this machine.

@@ -73,14 +73,17 @@ def test_offline_acceptance_script_reads_both_formats(toy, shards, tmp_path):
     out = tmp_path / "offline.json"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "offline_acceptance.py"),
                              "--target", toy["target_dir"], "--data", shards.folder, "--sequences", "8",
-                             "--within", "16", "--json", str(out), toy["draft_dir"], str(tmp_path / "eagle-x")],
+                             "--within", "16", "--json", str(out), "ngram", toy["draft_dir"],
+                             str(tmp_path / "eagle-x")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    reported = json.loads(out.read_text())["results"]
+    ngram, *reported = json.loads(out.read_text())["results"]
     assert len(reported) == 2
     for row, draft in zip(reported, (toy["draft"], eagle)):
         expected = offline_acceptance(draft, shards, 3, 8, within=16)
         assert {k: row[k] for k in ("rounds", "per_position", "tau")} == expected
+        assert row["better_of_both"]["tau"] >= max(row["tau"], ngram["tau"])
+        assert row["where_ngram_accepts"]["rounds"] + row["elsewhere"]["rounds"] == row["rounds"]
 
 
 def test_offline_acceptance_within_keeps_the_first_rounds_of_each_response(toy, shards):
@@ -90,3 +93,33 @@ def test_offline_acceptance_within_keeps_the_first_rounds_of_each_response(toy, 
     first = offline_acceptance(toy["draft"], shards, 3, 8, within=1)
     assert first["rounds"] == 8 < whole["rounds"]  # one round per sequence: the one drafting its first response token
     assert offline_acceptance(toy["draft"], shards, 3, 8, within=10**6) == whole
+
+
+def lookup(tokens, k, shortest=2, longest=4):
+    """Prompt lookup by brute force: the longest n-gram ending the context that occurred before (its
+    earliest occurrence), and up to k tokens after it."""
+    for n in range(longest, shortest - 1, -1):
+        for j in range(len(tokens) - n):
+            if tokens[j:j + n] == tokens[-n:]:
+                return tokens[j + n:j + n + k]
+    return []
+
+
+def test_offline_ngram_drafts_what_prompt_lookup_finds_and_splits_a_drafts_rounds_by_it():
+    """benchmarks/offline_acceptance.py's `ngram` is vLLM's proposer (min 2, max 4): on repetitive random
+    contexts it proposes what a brute-force lookup finds; `versus` splits rounds by n-gram's acceptance."""
+    from conftest import benchmark
+
+    offline = benchmark("offline_acceptance")
+    propose = offline.ngram_proposer(3)
+    generator = torch.Generator().manual_seed(0)
+    found = 0
+    for _ in range(200):
+        tokens = torch.randint(0, 4, (int(torch.randint(1, 24, (1,), generator=generator)),), generator=generator)
+        expected = lookup(tokens.tolist(), 3)
+        assert propose(tokens, None) == expected, tokens.tolist()
+        found += bool(expected)
+    assert 50 < found < 200  # both kinds of context were drawn
+    split = offline.versus([0, 3, 1, 0], [2, 0, 1, 0], 3)
+    assert split["ngram_rounds"] == 2 and split["where_ngram_accepts"]["tau"] == 1.5  # rounds 1 and 3: 0 and 1
+    assert split["elsewhere"]["tau"] == 2.5 and split["better_of_both"]["tau"] == 2.5  # max: 2, 3, 1, 0

@@ -26,7 +26,6 @@ def load_draft(path: str, target: torch.nn.Module) -> Draft:
     return cls.from_checkpoint(path, target).eval()
 
 
-@torch.no_grad()
 def offline_acceptance(draft: Draft, data: ShardSet, k: int, max_sequences: int = 16, stride: int = 8,
                        progress: bool = False, within: int | None = None) -> dict:
     """{"rounds", "per_position": rate at which draft position i (1..k) is accepted, "tau"}.
@@ -34,21 +33,35 @@ def offline_acceptance(draft: Draft, data: ShardSet, k: int, max_sequences: int 
     within: only rounds that start among the first `within` response tokens. Long greedy responses of a
     small target grow repetitive and easy to draft, so this matches an evaluation that stops early.
     """
-    accepted = [0] * k
-    rounds = 0
-    sequences = data.sequences[:max_sequences]
-    for seq in tqdm(sequences, desc="held-out acceptance", unit="seq", disable=not progress):
+    return acceptance(accepted_per_round(proposer(draft, k), data, k, max_sequences, stride, progress, within), k)
+
+
+def proposer(draft: Draft, k: int):
+    """The draft's greedy proposal of k tokens as accepted_per_round asks for it."""
+    dtype = draft.embed_weight.dtype
+    return lambda tokens, states: draft.propose(tokens, states.to(dtype), k)[0]
+
+
+@torch.no_grad()
+def accepted_per_round(propose, data: ShardSet, k: int, max_sequences: int = 16, stride: int = 8,
+                       progress: bool = False, within: int | None = None) -> list[int]:
+    """The draft tokens accepted in each round of `offline_acceptance`, for any proposer: propose(tokens,
+    states) -> k token ids, from the context tokens t_0..t_n and the states of t_0..t_{n-1}."""
+    accepted = []
+    for seq in tqdm(data.sequences[:max_sequences], desc="held-out acceptance", unit="seq", disable=not progress):
         tokens = seq["input_ids"].long()
-        states = seq["states"].to(draft.embed_weight.dtype)
         response = seq["loss_mask"].bool()
         # Round at n: the newest token is t_n, the draft proposes t_{n+1}..t_{n+k}.
         starts = [n for n in range(1, len(tokens) - k) if response[n + 1]][::stride]
         if within is not None and starts:
             starts = [n for n in starts if n - starts[0] < within]
         for n in starts:
-            drafts, _ = draft.propose(tokens[:n + 1], states[:n], k)
-            for i in range(accepted_prefix(drafts, tokens[n + 1:n + 1 + k].tolist())):
-                accepted[i] += 1
-            rounds += 1
-    rates = [a / rounds for a in accepted] if rounds else [0.0] * k
-    return {"rounds": rounds, "per_position": rates, "tau": 1.0 + sum(rates)}
+            drafts = propose(tokens[:n + 1], seq["states"][:n])
+            accepted.append(accepted_prefix(drafts, tokens[n + 1:n + 1 + k].tolist()))
+    return accepted
+
+
+def acceptance(accepted: list[int], k: int) -> dict:
+    """Rounds, per-position acceptance rates and tau of the accepted counts of rounds of K draft tokens."""
+    rates = [sum(a > i for a in accepted) / len(accepted) if accepted else 0.0 for i in range(k)]
+    return {"rounds": len(accepted), "per_position": rates, "tau": 1.0 + sum(rates)}
