@@ -35,12 +35,12 @@ from vllm_beagle.verifier import target_name
 
 
 def ngram_proposer(k: int):
-    """propose(tokens, states) as vLLM's `method: ngram` drafts (its own matching function, pinned with vLLM)."""
-    from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as match
+    """propose(tokens, states) as vLLM's `method: ngram` drafts (its own matching function)."""
+    from vllm_beagle.vllm_internals import prompt_lookup
 
     config = speculative_config(NGRAM, k)
     lo, hi = config["prompt_lookup_min"], config["prompt_lookup_max"]
-    return lambda tokens, _states: match(tokens.numpy().astype(np.int32), lo, hi, 1 << 30, k).tolist()
+    return lambda tokens, _states: prompt_lookup(tokens.numpy().astype(np.int32), lo, hi, 1 << 30, k).tolist()
 
 
 def versus(accepted: list[int], ngram: list[int], k: int) -> dict:

@@ -15,8 +15,8 @@
 #    with AVX512-BF16: 710 target tokens/s in bf16; one with AVX2 alone: 440 in fp32; an Intel Xeon with
 #    AMX: 2,000) its states and at least one variant fit in one 3-hour session. No step makes states that
 #    WORK holds already.
-# 3. Beagle variants on that eighth (top or fused states, with or without the state regression) and the
-#    EAGLE-1 baseline, each `beagle train` with the same recipe (in bf16; the fused ones with and without the
+# 3. Beagle variants on that eighth (top or fused states, with or without the state regression), each
+#    `beagle train` with the same recipe (in bf16; the fused ones with and without the
 #    regression in fp32 too, which shows what bf16 costs and is all that a CPU without bf16 trains, the others
 #    waiting for a machine with it), then its offline tau on every held-out sequence and a vLLM run of its own on 16
 #    MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py), each
@@ -32,9 +32,10 @@
 #    before the whole curve would. Each point is trained in the machine's precision (bf16 where the CPU has
 #    it; elsewhere fp32, and the point's name says so: NAME-fp32@F), a point measured on any machine is not
 #    trained again, and a curve begun keeps its variant.
-# 5. Between the quarter and the half: whether the dataset's own answers help beside the target's. Fused
-#    states of ShareGPT's own answers to the eighth's conversations (only a prefill each; WORK/own), and the
-#    curve's variant trained on the eighth of both (NAME+own@0.125, a row of the eighth's file).
+# 5. Between the quarter and the half, two more rows of the eighth's file: whether the dataset's own answers
+#    help beside the target's (fused states of ShareGPT's own answers to the eighth's conversations, only a
+#    prefill each, in WORK/own, and the curve's variant trained on both: NAME+own@0.125), and the EAGLE-1
+#    baseline (its full-vocabulary head makes a step ~5x a Beagle one: hours, so after the quarter).
 set -euo pipefail
 # The whole script is read before it runs (main, called on the last line): editing it while a run is under
 # way then changes nothing of that run.
@@ -56,7 +57,7 @@ main() {
     # the fused pair with and without the regression, in fp32 (NAME-fp32; the token-only fused one showed
     # bf16 costs nothing); the rest wait for a machine with bf16, which trains that pair in fp32 as well.
     if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
-        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg eagle fused-noreg-fp32 fused-fp32)
+        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg fused-noreg-fp32 fused-fp32)
     else
         STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32)
     fi
@@ -88,8 +89,8 @@ print(" ".join(v for v in sys.argv[2:] if v not in json.load(open(sys.argv[1]))[
             -- "${TRAIN[@]}" --precision bf16
     fi
     SIZE=benchmarks/results/ablation-size-smollm2-cpu.json
-    # The curve's three points by name, and the eighth's draft of the curve's variant trained on the dataset's
-    # own answers too: a row measured already keeps its name, whose precision may not be this machine's.
+    # The curve's three points and step 5's two rows by name: a row measured already keeps its name, whose
+    # precision may not be this machine's.
     POINTS=$("$PY" - "$EIGHTH" "$SIZE" "$PRECISION" <<'EOF'
 import json, os, sys
 eighth, size, precision = sys.argv[1:]
@@ -99,13 +100,14 @@ best = base(max((v for v in rows if base(v) in ("top", "top-noreg", "fused", "fu
                 key=lambda v: rows[v]["offline"]["tau"]))
 done = json.load(open(size)).get("variants", {}) if os.path.isfile(size) else {}
 best = next((base(v) for v in done), best)  # a curve begun (perhaps on another kind of machine) goes on with it
-for suffix, measured in (("@0.25", done), ("@0.5", done), ("", done), ("+own@0.125", rows)):
-    names = [v for v in (best + suffix, best + "-fp32" + suffix) if v in measured]
-    print(names[0] if names else best + ("-fp32" if precision == "fp32" else "") + suffix)
+for name, suffix, measured in ((best, "@0.25", done), (best, "@0.5", done), (best, "", done),
+                               (best, "+own@0.125", rows), ("eagle", "@0.125", rows)):
+    names = [v for v in (name + suffix, name + "-fp32" + suffix) if v in measured]
+    print(names[0] if names else name + ("-fp32" if precision == "fp32" else "") + suffix)
 EOF
     )
     read -r -d '' -a POINTS <<< "$POINTS" || true
-    echo "smollm2_pipeline.sh: the data-size curve: ${POINTS[*]:0:3}; with the dataset's answers: ${POINTS[3]}" >&2
+    echo "smollm2_pipeline.sh: the data-size curve: ${POINTS[*]:0:3}; then ${POINTS[3]} and ${POINTS[4]}" >&2
     PARTS=(4 2 1)  # each point trains on 1/part of the training conversations
     curve_point() {  # POINTS[$1] after the states it needs, the points before it skipped as measured
         states_of $((TRAINING / PARTS[$1]))
@@ -113,11 +115,11 @@ EOF
             --variants "${POINTS[@]:0:$1+1}" --offline-sequences 1000 --json "$SIZE" -- "${TRAIN[@]}" --precision bf16
     }
     curve_point 0
-    # 5. The dataset's own answers (only a prefill each) beside the target's, for the eighth's conversations.
+    # 5. The dataset's own answers beside the target's, and EAGLE-1, at the eighth.
     "${BEAGLE[@]}" data "$TARGET" --out "$WORK/own" "${SELECT[@]}" --answers dataset --state fused \
         --state-dtype "$STATE_DTYPE" --num-prompts $((100 + TRAINING / 8))
     "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --own-answers "$WORK/own/train" --work "$WORK/drafts-eighth" \
-        --conversations $TRAINING --variants "${POINTS[3]}" --offline-sequences 1000 --json "$EIGHTH" \
+        --conversations $TRAINING --variants "${POINTS[@]:3:2}" --offline-sequences 1000 --json "$EIGHTH" \
         -- "${TRAIN[@]}" --precision bf16
     curve_point 1
     curve_point 2
