@@ -48,7 +48,15 @@ from vllm_beagle.prompts import load_prompts
 from vllm_beagle.schema import CONFIG_FILE, state_name
 from vllm_beagle.smollm2 import smollm2_dir
 from vllm_beagle.train.data import MANIFEST
-from vllm_beagle.train.evaluate import load_draft, offline_acceptance
+from vllm_beagle.train.evaluate import (
+    acceptance,
+    accepted_per_round,
+    load_draft,
+    ngram_proposer,
+    offline_acceptance,
+    proposer,
+    versus,
+)
 from vllm_beagle.train.shards import SHARD_GLOB, ShardSet, shard_range
 
 # What each variant adds to the common `beagle train` options.
@@ -170,8 +178,12 @@ def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dic
     heldout = ShardSet(args.heldout, target.config.vocab_size, state_name(draft.cfg))
     offline = offline_acceptance(draft, heldout, args.k, args.offline_sequences)
     # Rounds among each sequence's first max_tokens response tokens, as the vLLM run drafts: later rounds of
-    # long (multi-turn) responses are easier, and the whole-response figure overstates the vLLM one.
-    offline_first = offline_acceptance(draft, heldout, args.k, args.offline_sequences, within=args.max_tokens)
+    # long (multi-turn) responses are easier, and the whole-response figure overstates the vLLM one. Beside
+    # n-gram drafting at the same rounds: whether the draft finds what copying from the context finds.
+    rounds = {"k": args.k, "max_sequences": args.offline_sequences, "within": args.max_tokens}
+    first = accepted_per_round(proposer(draft, args.k), heldout, **rounds)
+    ngram_first = accepted_per_round(ngram_proposer(args.k), heldout, **rounds)
+    offline_first = {**acceptance(first, args.k), **versus(first, ngram_first, args.k)}
     del draft
     config = read_config_dict(path)
     training = config.get("beagle", {}).get("training") or config.get("training", {})
@@ -183,6 +195,7 @@ def measure(spec: str, path: str, args, target, prompts: list[list[int]]) -> dic
         state_dtype = json.load(f)["state_dtype"]
     return {"checkpoint": path, "measured": datetime.date.today().isoformat(), "state_dtype": state_dtype,
             "offline": offline, "offline_first": offline_first,
+            "ngram_offline_first": acceptance(ngram_first, args.k),
             "data": training.get("data"), "sequences": training.get("sequences"), "stats": training.get("stats"),
             "vllm": run[spec],
             "ngram": run["ngram"], "plain": run[PLAIN], "plain_again": run[PLAIN_AGAIN]}
@@ -192,15 +205,19 @@ def print_table(results: dict, specs: list[str]) -> None:
     print(f"\n{results['num_prompts']} {results['prompts']} prompts, {results['max_tokens']} new tokens, "
           f"K = {results['k']}, greedy, batch 1, vLLM {'eager' if results['eager'] else 'compiled'}, one run per "
           f"variant; offline: up to {results['offline_sequences']} held-out sequences of {results['heldout']}\n")
-    print(f"| drafting | training sequences | offline tau | offline, first {results['max_tokens']} tokens | vLLM tau "
-          "| per position | speed-up | n-gram, same run | plain tok/s | identical | measured |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| drafting | training sequences | offline tau | offline, first {results['max_tokens']} tokens "
+          "| there: n-gram, the draft where n-gram is accepted | vLLM tau | per position | speed-up | n-gram, same run "
+          "| plain tok/s | identical | measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec in specs:
         row = results["variants"][spec]
         r, plain = row["vllm"], (row["plain"]["tokens_per_s"] + row["plain_again"]["tokens_per_s"]) / 2
         rates = " / ".join(f"{x:.2f}" for x in r["per_position"])
         first = f"{row['offline_first']['tau']:.2f}" if "offline_first" in row else "not measured"
-        print(f"| {spec} | {row['sequences']} | {row['offline']['tau']:.2f} | {first} | {r['tau']:.2f} | {rates} | "
+        copying = (f"{row['ngram_offline_first']['tau']:.2f}, {row['offline_first']['where_ngram_accepts']['tau']:.2f}"
+                   if "ngram_offline_first" in row else "not measured")
+        print(f"| {spec} | {row['sequences']} | {row['offline']['tau']:.2f} | {first} | {copying} | {r['tau']:.2f} "
+              f"| {rates} | "
               f"{r['speedup']:.2f}x | {row['ngram']['tau']:.2f}, {row['ngram']['speedup']:.2f}x | {plain:.1f} | "
               f"{r['identical_outputs']}/{r['prompts']} | {row['measured']} |")
 

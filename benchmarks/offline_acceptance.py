@@ -22,34 +22,15 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from vllm_beagle.drafts import NGRAM, draft_path, speculative_config
+from vllm_beagle.drafts import NGRAM, draft_path
 from vllm_beagle.schema import state_name
 from vllm_beagle.smollm2 import smollm2_dir
-from vllm_beagle.train.evaluate import acceptance, accepted_per_round, load_draft, proposer
+from vllm_beagle.train.evaluate import acceptance, accepted_per_round, load_draft, ngram_proposer, proposer, versus
 from vllm_beagle.train.shards import ShardSet
 from vllm_beagle.verifier import target_name
-
-
-def ngram_proposer(k: int):
-    """propose(tokens, states) as vLLM's `method: ngram` drafts (its own matching function)."""
-    from vllm_beagle.vllm_internals import prompt_lookup
-
-    config = speculative_config(NGRAM, k)
-    lo, hi = config["prompt_lookup_min"], config["prompt_lookup_max"]
-    return lambda tokens, _states: prompt_lookup(tokens.numpy().astype(np.int32), lo, hi, 1 << 30, k).tolist()
-
-
-def versus(accepted: list[int], ngram: list[int], k: int) -> dict:
-    """A draft's rounds split by whether n-gram drafting had a token accepted there, and the better of both."""
-    copied = [a for a, b in zip(accepted, ngram, strict=True) if b]
-    other = [a for a, b in zip(accepted, ngram, strict=True) if not b]
-    return {"ngram_rounds": len(copied), "where_ngram_accepts": acceptance(copied, k),
-            "elsewhere": acceptance(other, k),
-            "better_of_both": acceptance([max(a, b) for a, b in zip(accepted, ngram, strict=True)], k)}
 
 
 def main() -> int:

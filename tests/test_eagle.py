@@ -106,12 +106,11 @@ def lookup(tokens, k, shortest=2, longest=4):
 
 
 def test_offline_ngram_drafts_what_prompt_lookup_finds_and_splits_a_drafts_rounds_by_it():
-    """benchmarks/offline_acceptance.py's `ngram` is vLLM's proposer (min 2, max 4): on repetitive random
-    contexts it proposes what a brute-force lookup finds; `versus` splits rounds by n-gram's acceptance."""
-    from conftest import benchmark
+    """The offline `ngram` drafts is vLLM's proposer (min 2, max 4): on repetitive random contexts it proposes
+    what a brute-force lookup finds; `versus` splits a draft's rounds by n-gram's acceptance."""
+    from vllm_beagle.train.evaluate import ngram_proposer, versus
 
-    offline = benchmark("offline_acceptance")
-    propose = offline.ngram_proposer(3)
+    propose = ngram_proposer(3)
     generator = torch.Generator().manual_seed(0)
     found = 0
     for _ in range(200):
@@ -120,6 +119,6 @@ def test_offline_ngram_drafts_what_prompt_lookup_finds_and_splits_a_drafts_round
         assert propose(tokens, None) == expected, tokens.tolist()
         found += bool(expected)
     assert 50 < found < 200  # both kinds of context were drawn
-    split = offline.versus([0, 3, 1, 0], [2, 0, 1, 0], 3)
+    split = versus([0, 3, 1, 0], [2, 0, 1, 0], 3)
     assert split["ngram_rounds"] == 2 and split["where_ngram_accepts"]["tau"] == 1.5  # rounds 1 and 3: 0 and 1
     assert split["elsewhere"]["tau"] == 2.5 and split["better_of_both"]["tau"] == 2.5  # max: 2, 3, 1, 0

@@ -42,6 +42,19 @@ def proposer(draft: Draft, k: int):
     return lambda tokens, states: draft.propose(tokens, states.to(dtype), k)[0]
 
 
+def ngram_proposer(k: int):
+    """propose(tokens, states) as vLLM's `method: ngram` drafts with the benchmarks' lookup lengths (its own
+    matching function); a context without a match proposes nothing."""
+    import numpy as np
+
+    from ..drafts import NGRAM, speculative_config
+    from ..vllm_internals import prompt_lookup
+
+    config = speculative_config(NGRAM, k)
+    lo, hi = config["prompt_lookup_min"], config["prompt_lookup_max"]
+    return lambda tokens, _states: prompt_lookup(tokens.numpy().astype(np.int32), lo, hi, 1 << 30, k).tolist()
+
+
 @torch.no_grad()
 def accepted_per_round(propose, data: ShardSet, k: int, max_sequences: int = 16, stride: int = 8,
                        progress: bool = False, within: int | None = None) -> list[int]:
@@ -65,3 +78,13 @@ def acceptance(accepted: list[int], k: int) -> dict:
     """Rounds, per-position acceptance rates and tau of the accepted counts of rounds of K draft tokens."""
     rates = [sum(a > i for a in accepted) / len(accepted) if accepted else 0.0 for i in range(k)]
     return {"rounds": len(accepted), "per_position": rates, "tau": 1.0 + sum(rates)}
+
+
+def versus(accepted: list[int], ngram: list[int], k: int) -> dict:
+    """A draft's rounds split by whether n-gram drafting had a token accepted there (copying from the context
+    would have paid), and the acceptance of the better of the two in each round."""
+    pairs = list(zip(accepted, ngram, strict=True))
+    return {"ngram_rounds": sum(1 for _, b in pairs if b),
+            "where_ngram_accepts": acceptance([a for a, b in pairs if b], k),
+            "elsewhere": acceptance([a for a, b in pairs if not b], k),
+            "better_of_both": acceptance([max(a, b) for a, b in pairs], k)}
