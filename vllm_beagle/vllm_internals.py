@@ -18,7 +18,6 @@ from vllm.transformers_utils.configs.eagle import EAGLEConfig
 from vllm.utils.torch_utils import LayerNameType, direct_register_custom_op
 from vllm.utils.torch_utils import _encode_layer_name as encode_layer_name
 from vllm.utils.torch_utils import _resolve_layer_name as resolve_layer_name
-from vllm.v1.spec_decode.ngram_proposer import _find_longest_matched_ngram_and_propose_tokens as prompt_lookup
 
 __all__ = [
     # The V1 proposer asserts this class for eagle3 drafts; the plugin's eagle3 draft derives from it.
@@ -34,9 +33,6 @@ __all__ = [
     "get_attention_context",
     "unified_attention_with_output",
     "engine_core",
-    # method ngram's proposal for one sequence (tokens, min n, max n, max model len, k), which the offline
-    # benchmark runs at its own rounds.
-    "prompt_lookup",
 ]
 
 

@@ -11,6 +11,7 @@ positions rather than over the positions vLLM's rounds happen to start at; vLLM'
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -43,16 +44,26 @@ def proposer(draft: Draft, k: int):
 
 
 def ngram_proposer(k: int):
-    """propose(tokens, states) as vLLM's `method: ngram` drafts with the benchmarks' lookup lengths (its own
-    matching function); a context without a match proposes nothing."""
-    import numpy as np
-
+    """propose(tokens, states) as vLLM's `method: ngram` drafts with the benchmarks' lookup lengths; a context
+    without a match proposes nothing."""
     from ..drafts import NGRAM, speculative_config
-    from ..vllm_internals import prompt_lookup
 
     config = speculative_config(NGRAM, k)
     lo, hi = config["prompt_lookup_min"], config["prompt_lookup_max"]
-    return lambda tokens, _states: prompt_lookup(tokens.numpy().astype(np.int32), lo, hi, 1 << 30, k).tolist()
+    return lambda tokens, _states: prompt_lookup(tokens.numpy(), lo, hi, k)
+
+
+def prompt_lookup(tokens: np.ndarray, shortest: int, longest: int, k: int) -> list[int]:
+    """vLLM's n-gram proposal for one context: the longest n-gram of shortest..longest tokens that ends the
+    context and occurred before, at its earliest occurrence, and up to k tokens after it. Written here
+    rather than called: vLLM's own (numba) imports llvmlite, which breaks every later vLLM engine in the
+    process (compare.run_engines); tests/test_eagle.py holds the two equal."""
+    for n in range(longest, shortest - 1, -1):
+        if len(tokens) > n:
+            starts = np.flatnonzero((np.lib.stride_tricks.sliding_window_view(tokens[:-1], n) == tokens[-n:]).all(1))
+            if len(starts):
+                return tokens[starts[0] + n:starts[0] + n + k].tolist()
+    return []
 
 
 @torch.no_grad()
