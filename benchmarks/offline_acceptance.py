@@ -6,8 +6,9 @@ wanted, without vLLM.
     python benchmarks/offline_acceptance.py --data data-smollm2/heldout [--target DIR] [--k 3]
                                             [--sequences 40] [--within N] [--json F] DRAFT [DRAFT ...]
 
-DRAFT is `beagle`, `eagle-baseline` (the shipped drafts), a checkpoint folder, or `ngram`: vLLM's own
-prompt-lookup proposer (prompt_lookup_min 2, max 4, as the benchmarks serve it) at the same rounds (a round
+DRAFT is `beagle`, `eagle-baseline` (the shipped drafts), a checkpoint folder, or `ngram`: vLLM's
+prompt-lookup proposal (prompt_lookup_min 2, max 4, as the benchmarks serve it; the tests hold it equal to
+vLLM's own function) at the same rounds (a round
 where it finds no match counts as one with nothing accepted; vLLM's tau counts only the rounds that draft). With
 `ngram` among the drafts, each other draft's row also says how it does where n-gram drafting is accepted
 and where it is not, and the tau a round-by-round choice of the better of the two would reach: whether a
