@@ -8,13 +8,12 @@ wanted, without vLLM.
 
 DRAFT is `beagle`, `eagle-baseline` (the shipped drafts), a checkpoint folder, or `ngram`: vLLM's
 prompt-lookup proposal (prompt_lookup_min 2, max 4, as the benchmarks serve it; the tests hold it equal to
-vLLM's own function) at the same rounds (a round
-where it finds no match counts as one with nothing accepted; vLLM's tau counts only the rounds that draft). With
-`ngram` among the drafts, each other draft's row also says how it does where n-gram drafting is accepted
-and where it is not, and the tau a round-by-round choice of the better of the two would reach: whether a
-draft misses what copying from the context finds. Fast (seconds per draft on CPU) and steady across runs,
-so it compares drafts trained on the same data; vLLM's counters on real prompts
-(`benchmarks/acceptance.py`) remain the figure of record.
+vLLM's own function) at the same rounds (a round where it finds no match counts as one with nothing
+accepted; vLLM's tau counts only the rounds that draft). With `ngram` among the drafts, each other draft's
+row also says how it does where n-gram drafting is accepted and where it is not, and the tau a
+round-by-round choice of the better of the two would reach: whether a draft misses what copying from the
+context finds. Fast (seconds per draft on CPU) and steady across runs, so it compares drafts trained on
+the same data; vLLM's counters on real prompts (`benchmarks/acceptance.py`) remain the figure of record.
 """
 
 from __future__ import annotations
@@ -58,9 +57,9 @@ def main() -> int:
     results = []
     print(f"{args.sequences} sequences at most of {args.data}, K = {args.k}"
           + (f", rounds within the first {args.within} response tokens" if args.within else "") + "\n")
-    print("| draft | tau | per-position acceptance | rounds |" + (
-        " tau where n-gram is accepted / elsewhere | better of it and n-gram |" if ngram else "")
-        + "\n|---|---|---|---|" + ("---|---|" if ngram else ""))
+    columns = ["draft", "tau", "per-position acceptance", "rounds"]
+    columns += ["tau where n-gram is accepted / elsewhere", "better of it and n-gram"] if ngram else []
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for name in args.drafts:
         if name == NGRAM:
             accepted, row = ngram, {}
@@ -72,10 +71,11 @@ def main() -> int:
             row = versus(accepted, ngram, args.k) if ngram else {}
         r = {**acceptance(accepted, args.k), **row}
         results.append({"draft": name, "k": args.k, **r})
-        rates = " / ".join(f"{x:.2f}" for x in r["per_position"])
-        extra = (f" {r['where_ngram_accepts']['tau']:.2f} ({r['ngram_rounds']} rounds) / {r['elsewhere']['tau']:.2f} | "
-                 f"{r['better_of_both']['tau']:.2f} |") if row else (" | |" if ngram else "")
-        print(f"| {name} | {r['tau']:.2f} | {rates} | {r['rounds']} |{extra}", flush=True)
+        cells = [name, f"{r['tau']:.2f}", " / ".join(f"{x:.2f}" for x in r["per_position"]), str(r["rounds"])]
+        if ngram:
+            cells += ([f"{r['where_ngram_accepts']['tau']:.2f} ({r['ngram_rounds']} rounds) / "
+                       f"{r['elsewhere']['tau']:.2f}", f"{r['better_of_both']['tau']:.2f}"] if row else ["", ""])
+        print("| " + " | ".join(cells) + " |", flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             # The data as given and the target by its hub id (or folder name): no path of this machine.
