@@ -96,8 +96,7 @@ import json, os, sys
 eighth, size, precision = sys.argv[1:]
 base = lambda v: v.partition("@")[0].removesuffix("-fp32")
 rows = json.load(open(eighth))["variants"]
-best = base(max((v for v in rows if base(v) in ("top", "top-noreg", "fused", "fused-noreg")),
-                key=lambda v: rows[v]["offline"]["tau"]))
+best = base(max((v for v in rows if base(v) != "eagle" and "+own" not in v), key=lambda v: rows[v]["offline"]["tau"]))
 done = json.load(open(size)).get("variants", {}) if os.path.isfile(size) else {}
 best = next((base(v) for v in done), best)  # a curve begun (perhaps on another kind of machine) goes on with it
 for name, suffix, measured in ((best, "@0.25", done), (best, "@0.5", done), (best, "", done),
