@@ -65,6 +65,9 @@ VARIANTS = {
     "top-noreg": ["--state", "final_norm", "--regression-weight", "0"],
     "fused": [],
     "fused-noreg": ["--regression-weight", "0"],
+    # The query reads its row's own state beside its token's embedding (--query token+state).
+    "fused-noreg-qstate": ["--regression-weight", "0", "--query", "token+state"],
+    "fused-qstate": ["--query", "token+state"],
     # EAGLE-1 drafts over the full vocabulary, whatever draft vocabulary the common options ask for.
     "eagle": ["--arch", "eagle", "--draft-vocab", "0"],
 }

@@ -57,9 +57,10 @@ main() {
     # the fused pair with and without the regression, in fp32 (NAME-fp32; the token-only fused one showed
     # bf16 costs nothing); the rest wait for a machine with bf16, which trains that pair in fp32 as well.
     if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
-        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg fused-noreg-fp32 fused-fp32)
+        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg fused-noreg-fp32 fused-fp32
+                                                      fused-noreg-qstate-fp32)
     else
-        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32)
+        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32 fused-noreg-qstate-fp32)
     fi
     echo "smollm2_pipeline.sh: states in $STATE_DTYPE, training in $PRECISION" >&2
 

@@ -89,6 +89,17 @@ def toy(tmp_path_factory):
         "draft_parallel_fused": build_draft(target, str(root / "beagle3-parallel-fused"), drafting="parallel",
                                             state=f"fused:0,1,{layers}", verifier=target_dir),
         "draft_parallel_fused_dir": str(root / "beagle3-parallel-fused"),
+        # Queries that read their row's own state: fused states in concat mode (eagle3), the final state in
+        # true-states mode (eagle), and parallel drafting, whose mask rows' own state is the placeholder.
+        "draft_qstate": build_draft(target, str(root / "beagle3-qstate"), state=f"fused:0,1,{layers}",
+                                    query="token+state"),
+        "draft_qstate_dir": str(root / "beagle3-qstate"),
+        "draft_qstate_ts": build_draft(target, str(root / "beagle-qstate-ts"), kv_mode="true_states",
+                                       query="token+state"),
+        "draft_qstate_ts_dir": str(root / "beagle-qstate-ts"),
+        "draft_qstate_parallel": build_draft(target, str(root / "beagle-qstate-parallel"), drafting="parallel",
+                                             query="token+state"),
+        "draft_qstate_parallel_dir": str(root / "beagle-qstate-parallel"),
     }
 
 
@@ -133,8 +144,9 @@ def eagle_draft(toy, tmp_path_factory):
 def engines(toy, eagle_draft, tmp_path_factory):
     """One worker process: plain decoding, the eagle variant at K = 1, 3, 5, parallel drafts at K = 3, 5, 7
     (and a fused one at 3), a true-states draft, a reduced-vocabulary draft, fused-state drafts in both kv
-    modes and vLLM's own EAGLE-1 running our exported baseline at K = 3; draft forwards and draft tokens
-    recorded for the chain and parallel drafts (vllm_worker.py).
+    modes, token+state queries (chain in both kv modes, and parallel) and vLLM's own EAGLE-1 running our
+    exported baseline at K = 3; draft forwards and draft tokens recorded for the chain, parallel and
+    token+state drafts (vllm_worker.py).
 
     The parity request runs alone first on each drafting engine, so that its counters are its own. The
     K = 3 engines also take the batch with every other prompt sampled (MIXED_TEMPERATURES).
@@ -153,6 +165,10 @@ def engines(toy, eagle_draft, tmp_path_factory):
     runs.append({"name": "draft_vocab", "spec": spec(toy["draft_vocab_dir"], 3), "calls": [parity, batch]})
     for name in ("draft_fused", "draft_fused_ts"):
         runs.append({"name": name, "spec": spec(toy[name + "_dir"], 3, "eagle3"), "calls": [parity, batch]})
+    for name, method, parallel in (("draft_qstate", "eagle3", False), ("draft_qstate_ts", "eagle", False),
+                                   ("draft_qstate_parallel", "eagle", True)):
+        runs.append({"name": name, "spec": spec(toy[name + "_dir"], 3, method, parallel), "calls": [parity, batch],
+                     "count_draft_forwards": True})
     runs.append({"name": "eagle", "spec": spec(eagle_draft["dir"], 3), "calls": [parity, batch, mixed]})
     return run_vllm(toy["target_dir"], runs, tmp_path_factory.mktemp("engines"))
 

@@ -225,12 +225,25 @@ def test_draft_vocab_size_out_of_range_is_refused(toy, target_cfg, tmp_path):
     ({"mask_token_id": 5}, "beagle.mask_token_id is required with drafting 'parallel' and forbidden otherwise"),
     ({"drafting": "parallel", "mask_token_id": 10 ** 6}, "beagle.mask_token_id must be a token id below"),
     ({"drafting": "parallel", "mask_token_id": 5, "kv_mode": "true_states"}, "drafting 'parallel' needs kv_mode"),
+    ({"query": "state"}, "beagle.query must be one of ('token', 'token+state'), got 'state'"),
+    # A token-only draft's tensors with a token+state query: its row projection is missing.
+    ({"query": "token+state"}, "row_norm.weight"),
 ])
 def test_refuses_inconsistent_drafting_fields(ckpt, target_cfg, changes, fragment):
     with open(os.path.join(ckpt, "config.json")) as f:
         beagle = json.load(f)["beagle"]
     edit_config(ckpt, beagle={**beagle, **changes})
     refused(ckpt, target_cfg, fragment)
+
+
+def test_a_token_state_query_round_trips_and_needs_its_row_projection(toy, target_cfg):
+    cfg, tensors = load_checkpoint(toy["draft_qstate_dir"], target_cfg)
+    assert cfg.query == "token+state" and cfg == toy["draft_qstate"].cfg
+    torch.testing.assert_close(tensors["row_proj.weight"], toy["draft_qstate"].block.row_proj.weight)
+    broken = dict(tensors)
+    del broken["row_proj.weight"]
+    with pytest.raises(CheckpointError, match="row_proj.weight"):
+        check_tensors(cfg, broken, "draft")
 
 
 def test_a_parallel_draft_carries_its_placeholder_state_and_mask_token(toy, target_cfg):

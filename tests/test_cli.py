@@ -183,7 +183,9 @@ def test_train_with_a_draft_vocabulary_records_its_coverage_and_resumes_only_wit
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--arch", "eagle", "--draft-vocab", "64"], "--draft-vocab, --kv-mode and --drafting do not apply"),
+    (["--arch", "eagle", "--draft-vocab", "64"], "--draft-vocab, --kv-mode, --drafting and --query do not apply"),
+    (["--arch", "eagle", "--query", "token+state"], "--draft-vocab, --kv-mode, --drafting and --query do not apply"),
+    (["--query", "state"], "argument --query: invalid choice: 'state'"),
     (["--drafting", "parallel"], "there is no stage 2 to simulate: pass --stage2-epochs 0"),
     (["--drafting", "parallel", "--kv-mode", "true_states", "--stage2-epochs", "0"],
      "--drafting parallel needs --kv-mode concat"),

@@ -4,6 +4,7 @@ indexing (query at the token's own position i, keys h_j for j < i), with plain l
 import dataclasses
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -23,13 +24,16 @@ def rope(x, pos, theta):
     return torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], -1)
 
 
-def beagle_state(draft, token, i, keys):
-    """ĥ_i for token t_i at position i, attending to keys = [(h_j, j)] with j < i."""
+def beagle_state(draft, token, i, keys, row_state):
+    """ĥ_i for token t_i at position i, attending to keys = [(h_j, j)] with j < i; row_state: the state of the
+    row that carries t_i (h_{i-1}, or the ĥ_{i-1} a draft step feeds back), which a token+state query reads."""
     blk, cfg = draft.block, draft.cfg
     W = {n: p for n, p in blk.state_dict().items()}
     eps, theta, nh, nkv, hd = cfg.rms_norm_eps, cfg.rope_parameters["rope_theta"], cfg.num_attention_heads, \
         cfg.num_key_value_heads, cfg.head_dim
     e = draft.embed_weight[token]
+    if cfg.query == "token+state":
+        e = e + W["row_proj.weight"] @ rms(row_state, W["row_norm.weight"], eps)
     q = (W["q_proj.weight"] @ rms(e, W["query_norm.weight"], eps)).view(nh, hd)
     q = torch.stack([rope(q[a], i, theta) for a in range(nh)])
     heads = []
@@ -49,29 +53,32 @@ def beagle_state(draft, token, i, keys):
     return y + W["mlp.down_proj.weight"] @ (F.silu(W["mlp.gate_proj.weight"] @ m) * (W["mlp.up_proj.weight"] @ m))
 
 
-def test_reference_forward_is_design_section_1(toy):
-    draft, target = toy["draft"], toy["target"]
+@pytest.mark.parametrize("name", ["draft", "draft_qstate"])
+def test_reference_forward_is_design_section_1(toy, name):
+    draft, target = toy[name], toy["target"]
     tokens = torch.tensor([1, 450, 7483, 310, 3444, 338, 3681, 29889, 13])
-    states = target_states(target, tokens, draft.cfg).states
+    states = draft.combine(target_states(target, tokens, draft.cfg).states)
     n = len(tokens) - 1
     rows = torch.arange(n)
-    got = draft(tokens[1:], rows, states[:n], rows)
+    got = draft(tokens[1:], rows, states[:n], rows, row_states=states[:n])
     for i in range(1, n + 1):
-        expected = beagle_state(draft, tokens[i], i, [(states[j], j) for j in range(i)])
+        expected = beagle_state(draft, tokens[i], i, [(states[j], j) for j in range(i)], states[i - 1])
         torch.testing.assert_close(got[i - 1], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_chain_drafting_feeds_back_predicted_states(toy):
-    """Concat mode: step s queries with the last draft token and also sees the states predicted before it."""
-    draft, target = toy["draft"], toy["target"]
+@pytest.mark.parametrize("name", ["draft", "draft_qstate"])
+def test_chain_drafting_feeds_back_predicted_states(toy, name):
+    """Concat mode: step s queries with the last draft token (and, token+state, the state predicted for its row)
+    and also sees the states predicted before it."""
+    draft, target = toy[name], toy["target"]
     tokens = torch.tensor([1, 15043, 29892, 590, 1024, 338])
     n = len(tokens) - 1
     states = target_states(target, tokens[:n], draft.cfg).states
-    keys = [(states[j], j) for j in range(n)]
+    keys = [(draft.combine(states[j]), j) for j in range(n)]
     token, expected = tokens[n], []
     for step in range(4):
         i = n + step
-        predicted = beagle_state(draft, token, i, keys)
+        predicted = beagle_state(draft, token, i, keys, keys[-1][0])
         token = int(draft.logits(predicted).argmax())
         expected.append(token)
         keys.append((predicted, i))

@@ -11,7 +11,13 @@ import torch
 from vllm_beagle.reference import ReferenceDraft, target_states
 from vllm_beagle.schema import BeagleConfig
 from vllm_beagle.train.masks import exact_rows, mask_rows, parallel, stage1, stage2
-from vllm_beagle.train.objective import LossConfig, parallel_predictions, stage1_loss, stage2_losses
+from vllm_beagle.train.objective import (
+    LossConfig,
+    parallel_predictions,
+    stage1_loss,
+    stage1_predictions,
+    stage2_losses,
+)
 from vllm_beagle.train.shards import TrainBatch
 
 
@@ -148,7 +154,7 @@ def inference_case(toy, draft, k):
     return batch, n, predicted
 
 
-@pytest.mark.parametrize("name", ["draft", "draft_fused"])
+@pytest.mark.parametrize("name", ["draft", "draft_fused", "draft_qstate"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_stage2_simulation_is_concat_chain_drafting(toy, k, name):
     draft = toy[name]
@@ -172,7 +178,24 @@ def test_stage1_is_true_states_chain_drafting(toy, k, name):
     torch.testing.assert_close(predicted[0, n - 1:n - 1 + k], chain, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["draft_parallel", "draft_parallel_fused"])
+@pytest.mark.parametrize("k", [3, 5])
+def test_stage1_with_token_state_queries_is_teacher_forced(toy, k):
+    """A token+state query in stage 1: a window's first row is the first draft step; each row after it sees the
+    true states up to the window's start as keys but reads its own true state, where a draft step would read
+    the ĥ of the step before (stage 2 feeds those)."""
+    draft = toy["draft_qstate"]
+    batch, n, chain = inference_case(toy, draft, k)
+    predicted = stage1_predictions(draft, batch, k, (n - 1) % k, LossConfig(noise_std=0.0))[0, n - 1:n - 1 + k]
+    torch.testing.assert_close(predicted[0], chain[0], rtol=1e-5, atol=1e-5)
+    states = draft.combine(batch.states[0])
+    for m in range(k):
+        p = n - 1 + m
+        row = draft(batch.tokens[0, p + 1:p + 2], torch.tensor([p]), states[:n], torch.arange(n),
+                    row_states=states[p:p + 1])[0]
+        torch.testing.assert_close(predicted[m], row, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["draft_parallel", "draft_parallel_fused", "draft_qstate_parallel"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_parallel_objective_is_parallel_drafting(toy, k, name):
     """The window that starts at the last true state's row predicts what one parallel drafting forward does."""
@@ -201,7 +224,7 @@ def defined_loss(draft, batch, predicted, rows, regression_weight):
     return torch.stack(terms).mean()
 
 
-@pytest.mark.parametrize("name", ["draft", "draft_fused"])
+@pytest.mark.parametrize("name", ["draft", "draft_fused", "draft_qstate"])
 def test_losses_train_and_weight_the_steps(toy, name):
     """Both stages give finite losses with gradients on the block only, every stage-2 step backpropagated
     on its own (the fused draft's fc included); step i's loss is window - i + 1 times its exact rows' loss."""

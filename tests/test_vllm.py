@@ -7,6 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import KS, MAX_TOKENS, MIXED_TEMPERATURES, PARALLEL_KS, PARITY_PROMPT, PROMPTS, run_vllm, spec
 from safetensors.torch import load_file, save_file
 
@@ -101,6 +102,28 @@ def test_parallel_drafts_are_lossless_and_match_the_simulator(engines, toy, name
     assert drafted["spec"]["num_draft_tokens"] == k * drafted["spec"]["num_drafts"] > 0
     draft = toy["draft_parallel_fused" if name == "parallel_fused" else "draft_parallel"]
     assert_simulator_predicts(engines, engines[name]["calls"][0], draft, toy["target"], k)
+
+
+@pytest.mark.parametrize("name", ["draft_qstate", "draft_qstate_ts", "draft_qstate_parallel"])
+def test_token_state_queries_are_lossless_and_match_the_simulator(engines, toy, name):
+    """A query that reads its row's own state: in vLLM that is the hidden state of the row (the target's, through
+    combine_hidden_states for eagle3; the ĥ fed back in draft steps; mask_hidden in parallel drafting's mask rows),
+    and the reference drafts the same tokens round by round."""
+    drafted = engines[name]["calls"][1]
+    assert drafted["outputs"] == engines["plain"]["calls"][0]["outputs"]
+    assert drafted["spec"]["num_drafts"] > 0
+    assert_simulator_predicts(engines, engines[name]["calls"][0], toy[name], toy["target"], 3)
+
+
+@pytest.mark.parametrize("name", ["draft_qstate", "draft_qstate_ts", "draft_qstate_parallel"])
+def test_parity_tells_a_query_without_its_row_state_apart(engines, toy, monkeypatch, name):
+    """The token+state parity is only worth something if vLLM's drafts show the row's state reaching the query:
+    the same draft simulated with its rows' states zeroed drafts other tokens."""
+    right = block.BeagleBlock.row_input
+    monkeypatch.setattr(block.BeagleBlock, "row_input",
+                        lambda self, embeds, row_states: right(self, embeds, torch.zeros_like(row_states)))
+    sim = simulate_greedy(toy["target"], toy[name], PARITY_PROMPT, MAX_TOKENS, 3)
+    assert sim["drafts"] != draft_rounds(engines[name]["calls"][0], 3)[:len(sim["drafts"])]
 
 
 @pytest.mark.parametrize("k", PARALLEL_KS)

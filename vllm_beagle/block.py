@@ -7,10 +7,13 @@ option), vLLM's paged `Attention` in vLLM.
 The one convention (DESIGN.md section 1.1), in vLLM's row layout: row `p` carries the state `h_p`
 (the target's, or the draft's own prediction) and the token `t_{p+1}`.
   - keys/values of row `p` come from `h_p`, RoPE at position `p`;
-  - the query of row `p` comes from `e(t_{p+1})`, RoPE at position `p + 1` (its token's position);
+  - the query of row `p` comes from its row input `x_p`, RoPE at position `p + 1` (its token's position):
+    `x_p = e(t_{p+1})` (query "token", the paper's), or `e(t_{p+1}) + row_proj(row_norm(h_p))` (query
+    "token+state": the row's own state too, the target's or the ĥ a draft step feeds back);
   - row `p` attends to rows `<= p`, which is Beagle's strict mask `j < i` for the token at `i = p+1`;
-  - the row's output `ĥ` is the predicted state at position `p + 1`; `LMHead(ĥ)` predicts `t_{p+2}`;
-    `ĥ` is also what the next draft step feeds back as the state of its row.
+  - the row's output `ĥ = y + MLP(y)`, `y = x_p + o_proj(attention)`, is the predicted state at position
+    `p + 1`; `LMHead(ĥ)` predicts `t_{p+2}`; `ĥ` is also what the next draft step feeds back as the state
+    of its row.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schema import DRAFT_TO_TARGET, MASK_HIDDEN, STATE_FINAL_NORM, STATE_FUSED, BeagleConfig
+from .schema import DRAFT_TO_TARGET, MASK_HIDDEN, QUERY_TOKEN_STATE, STATE_FINAL_NORM, STATE_FUSED, BeagleConfig
 
 # The query's token sits one position after the state of its row.
 QUERY_POSITION_OFFSET = 1
@@ -130,6 +133,12 @@ class BeagleBlock(AttentionProjections):
         self.final_norm = None if cfg.state == STATE_FINAL_NORM else RMSNorm(H, cfg.rms_norm_eps)
         # The fused kind reads several layers' residuals through one learned projection (EAGLE-3's fc).
         self.fc = nn.Linear(cfg.state_width, H, bias=False) if cfg.state == STATE_FUSED else None
+        self.row_proj = None
+        if cfg.query == QUERY_TOKEN_STATE:
+            self.row_norm = RMSNorm(H, cfg.rms_norm_eps)
+            self.row_proj = nn.Linear(H, H, bias=False)
+            # Zero: training starts from the paper's block and adds as much of the row's state as helps.
+            nn.init.zeros_(self.row_proj.weight)
         self.rotary = Rotary(cfg)
         if cfg.drafting == "parallel":
             # The state of a parallel draft's mask rows, as the target's states come (combine applies):
@@ -145,9 +154,18 @@ class BeagleBlock(AttentionProjections):
         come from the target pass through here; the block's own predictions ĥ are already in this space."""
         return target_states if self.fc is None else self.fc(target_states)
 
-    def queries(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """[..., T, H] token embeddings of the rows -> [..., T, heads, head_dim] rotated queries."""
-        q = self.project_queries(self.query_norm(embeds))
+    def row_input(self, embeds: torch.Tensor, row_states: torch.Tensor | None) -> torch.Tensor:
+        """[..., T, H] what the rows' queries and residuals start from: their tokens' embeddings, plus (query
+        "token+state") the projection of each row's own state as the keys read it (`combine`d, or a ĥ)."""
+        if self.row_proj is None:
+            return embeds
+        if row_states is None:
+            raise ValueError("a token+state query needs the state of every row")
+        return embeds + self.row_proj(self.row_norm(row_states.to(embeds.dtype)))
+
+    def queries(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[..., T, H] row inputs -> [..., T, heads, head_dim] rotated queries."""
+        q = self.project_queries(self.query_norm(rows))
         return self.rotary(q, positions + QUERY_POSITION_OFFSET)
 
     def keys_values(self, states: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,9 +173,9 @@ class BeagleBlock(AttentionProjections):
         x = self.state_norm(states)
         return self.rotary(self.project_keys(x), positions), self.project_values(x)
 
-    def output(self, embeds: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual on the token embedding, then the MLP: the predicted state ĥ. attn: [..., T, heads*hd]."""
-        y = embeds + self.o_proj(attn)
+    def output(self, rows: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual on the row input, then the MLP: the predicted state ĥ. attn: [..., T, heads*hd]."""
+        y = rows + self.o_proj(attn)
         return y + self.mlp(self.mlp_norm(y))
 
     def logits_input(self, predicted: torch.Tensor) -> torch.Tensor:

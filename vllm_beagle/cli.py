@@ -208,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.shards import ShardError
 
     job = TrainJob(args.data, args.target, args.out, arch=args.arch, kv_mode=args.kv_mode, drafting=args.drafting,
-                   mask_token_id=args.mask_token_id, draft_vocab=args.draft_vocab, state=args.state,
+                   query=args.query, mask_token_id=args.mask_token_id, draft_vocab=args.draft_vocab, state=args.state,
                    data_fraction=args.data_fraction, heldout=args.heldout, work_dir=args.work_dir,
                    device=args.device, tf32=args.tf32, export_dtype=args.export_dtype, verifier=args.verifier,
                    command=" ".join(["beagle", *sys.argv[1:]]))
@@ -406,6 +406,11 @@ def add_train_command(sub) -> None:
                          "all K tokens from one forward (vLLM's parallel drafting), the rows after the first "
                          "carrying a mask token and a learned placeholder state; trains stage 1's windows with "
                          "those rows for every epoch, so it needs --stage2-epochs 0")
+    tr.add_argument("--query", choices=["token", "token+state"], default="token",
+                    help="what each row's query starts from: token (default, the paper's): its token's embedding; "
+                         "token+state: that plus a learned projection of the row's own state (the target's, or "
+                         "the draft's prediction fed back), so that the query can match the context before its "
+                         "token as well")
     tr.add_argument("--mask-token-id", type=int, default=None, metavar="ID",
                     help="the token of parallel drafting's mask rows (default: the vocabulary's last id)")
     tr.add_argument("--draft-vocab", type=int, default=None, metavar="N",

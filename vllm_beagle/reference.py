@@ -99,19 +99,21 @@ class ReferenceDraft(Draft):
         save_checkpoint(path, self.cfg, self.block.state_dict())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, states: torch.Tensor,
-                state_positions: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+                state_positions: torch.Tensor, visible: torch.Tensor | None = None,
+                row_states: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted states ĥ for query rows.
 
         tokens/positions: [..., T], row p's token t_{p+1} and p; states/state_positions: [..., S, H] and
         [..., S], states as the block reads them (the target's through `combine`, or predicted ones).
-        visible: [..., T, S]; by default the causal rule `state position <= row position`.
+        visible: [..., T, S]; by default the causal rule `state position <= row position`. row_states:
+        [..., T, H], each row's own state as the block reads it, which a token+state query needs.
         """
         if visible is None:
             visible = state_positions.unsqueeze(-2) <= positions.unsqueeze(-1)
-        embeds = self.embed(tokens)
-        q = self.block.queries(embeds, positions)
+        rows = self.block.row_input(self.embed(tokens), row_states)
+        q = self.block.queries(rows, positions)
         k, v = self.block.keys_values(states, state_positions)
-        return self.block.output(embeds, masked_attention(q, k, v, visible))
+        return self.block.output(rows, masked_attention(q, k, v, visible))
 
     def propose(self, tokens: torch.Tensor, states: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
         if self.cfg.drafting == "parallel":
@@ -128,7 +130,7 @@ class ReferenceDraft(Draft):
         keys = torch.cat([self.combine(states), mask_states.to(states.dtype)])
         rows = torch.arange(n - 1, n + k - 1)
         row_tokens = torch.cat([tokens[n:n + 1], torch.full((k - 1,), self.cfg.mask_token_id)])
-        predicted = self(row_tokens, rows, keys, torch.arange(len(keys)))
+        predicted = self(row_tokens, rows, keys, torch.arange(len(keys)), row_states=keys[rows])
         return self.logits(predicted).argmax(-1).tolist(), predicted
 
     @torch.no_grad()
@@ -143,13 +145,16 @@ class ReferenceDraft(Draft):
         n = states.shape[0]
         states = self.combine(states)
         positions = torch.arange(n)
-        predicted = [self(tokens[n:n + 1], positions[-1:], states, positions)[-1]]
+        predicted = [self(tokens[n:n + 1], positions[-1:], states, positions, row_states=states[-1:])[-1]]
         drafts = [int(self.logits(predicted[-1]).argmax())]
         for step in range(1, k):
+            # The row of a draft step carries the ĥ of the step before, as its own state and (concat) as a key.
+            fed_back = predicted[-1][None]
             if self.cfg.kv_mode == "concat":
-                states = torch.cat([states, predicted[-1][None]])
+                states = torch.cat([states, fed_back])
             row = torch.tensor([n - 1 + step])
-            predicted.append(self(torch.tensor([drafts[-1]]), row, states, torch.arange(len(states)))[-1])
+            predicted.append(self(torch.tensor([drafts[-1]]), row, states, torch.arange(len(states)),
+                                  row_states=fed_back)[-1])
             drafts.append(int(self.logits(predicted[-1]).argmax()))
         return drafts, torch.stack(predicted)
 

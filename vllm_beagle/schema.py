@@ -39,6 +39,13 @@ KV_MODES = ("concat", "true_states")
 # draft's learned placeholder state `mask_hidden`.
 DRAFTINGS = ("chain", "parallel")
 MASK_HIDDEN = "mask_hidden"
+# What a row's query (and the residual the block adds to) starts from: "token", the paper's, its token's
+# embedding alone; "token+state", that plus a learned projection of the row's own state (the target's, or
+# the draft's ĥ fed back), so that the query knows the context before its token and can match two tokens
+# where a token's embedding matches one (prompt lookup's n-grams).
+QUERY_TOKEN = "token"
+QUERY_TOKEN_STATE = "token+state"
+QUERIES = (QUERY_TOKEN, QUERY_TOKEN_STATE)
 # The one integer tensor: the target token id of each row of a reduced draft vocabulary.
 DRAFT_TO_TARGET = "draft_to_target"
 
@@ -69,6 +76,7 @@ class BeagleConfig:
     state_layers: list[int] | None = None  # the fused kind's target layers, ascending (the order `fc` reads them)
     kv_mode: str = "concat"
     drafting: str = "chain"
+    query: str = QUERY_TOKEN
     mask_token_id: int | None = None  # the token of a parallel draft's mask rows (its embedding is the target's)
     # Drafts over the N most frequent tokens of the training data with their own LM head and map the
     # result back to the target's ids (tensor `draft_to_target`); None: the target's full vocabulary.
@@ -110,6 +118,8 @@ class BeagleConfig:
             raise ValueError(f"beagle.kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
         if self.drafting not in DRAFTINGS:
             raise ValueError(f"beagle.drafting must be one of {DRAFTINGS}, got {self.drafting!r}")
+        if self.query not in QUERIES:
+            raise ValueError(f"beagle.query must be one of {QUERIES}, got {self.query!r}")
         if (self.drafting == "parallel") != (self.mask_token_id is not None):
             raise ValueError("beagle.mask_token_id is required with drafting 'parallel' and forbidden otherwise")
         if self.mask_token_id is not None and not 0 <= self.mask_token_id < self.vocab_size:
@@ -183,6 +193,7 @@ class BeagleConfig:
                 "state_layers": self.state_layers,
                 "kv_mode": self.kv_mode,
                 "drafting": self.drafting,
+                "query": self.query,
                 "mask_token_id": self.mask_token_id,
                 "draft_vocab_size": self.draft_vocab_size,
                 "training": self.training,
@@ -229,6 +240,7 @@ class BeagleConfig:
                 state_layers=beagle.get("state_layers"),
                 kv_mode=beagle.get("kv_mode", "concat"),
                 drafting=beagle.get("drafting", "chain"),
+                query=beagle.get("query", QUERY_TOKEN),
                 mask_token_id=beagle.get("mask_token_id"),
                 draft_vocab_size=beagle.get("draft_vocab_size"),
                 verifier=verifier_of(d),
@@ -268,6 +280,9 @@ class BeagleConfig:
             required["final_norm.weight"] = (H,)
         if self.state == STATE_FUSED:
             required["fc.weight"] = (H, self.state_width)
+        if self.query == QUERY_TOKEN_STATE:
+            required["row_norm.weight"] = (H,)
+            required["row_proj.weight"] = (H, H)
         if self.drafting == "parallel":
             # In the target's state space (before fc): vLLM puts it through combine_hidden_states itself.
             required[MASK_HIDDEN] = (self.state_width,)

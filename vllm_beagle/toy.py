@@ -22,7 +22,7 @@ import torch
 
 from .eagle import EagleDraft
 from .reference import ReferenceDraft
-from .schema import STATE_FINAL_NORM, BeagleConfig, state_fields
+from .schema import QUERY_TOKEN, STATE_FINAL_NORM, BeagleConfig, state_fields
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -55,37 +55,40 @@ def build_target(out: str, seed: int = 0, hidden: int = 128, layers: int = 2, he
 
 
 def _random_init(block: torch.nn.Module, gen: torch.Generator, attn_std: float, out_std: float,
-                 mlp_std: float) -> None:
+                 mlp_std: float, row_std: float = 0.0) -> None:
     """Random weights, small where they write into the residual so that a row's output stays near its
     token's embedding; norm weights stay 1."""
     with torch.no_grad():
         for name, p in block.named_parameters():
             if name.endswith("norm.weight"):
                 continue
-            std = out_std if name.endswith("o_proj.weight") else mlp_std if "mlp." in name else attn_std
+            std = (out_std if name.endswith("o_proj.weight") else mlp_std if "mlp." in name
+                   else row_std if name == "row_proj.weight" else attn_std)
             p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def build_draft(target, out: str | None = None, seed: int = 0, state: str = STATE_FINAL_NORM,
                 kv_mode: str = "concat", attn_std: float = 0.3, out_std: float = 0.004,
                 mlp_std: float = 0.02, draft_vocab: torch.Tensor | None = None,
-                verifier: str | None = None, drafting: str = "chain") -> ReferenceDraft:
+                verifier: str | None = None, drafting: str = "chain", query: str = QUERY_TOKEN,
+                row_std: float = 0.02) -> ReferenceDraft:
     """A Beagle draft for an HF target model: near-identity (ĥ ≈ e(t)) plus random attention.
 
     `state` names the target state it reads (schema.state_name): final_norm (method eagle), layer:L or
     fused:A,B,... (method eagle3). `draft_vocab`: the target ids of a reduced draft vocabulary. `verifier`:
     the target `vllm serve DRAFT` serves it with (verifier.py). `drafting` parallel: mask rows carry the
-    vocabulary's last token. Saved to `out` when given.
+    vocabulary's last token. `query` token+state: the rows' own states reach their queries through a random
+    projection of std `row_std`. Saved to `out` when given.
     """
     beagle = state_fields(state, target.config.num_hidden_layers)
-    beagle["kv_mode"] = kv_mode
+    beagle.update(kv_mode=kv_mode, query=query)
     if drafting == "parallel":
         beagle.update(drafting=drafting, mask_token_id=target.config.vocab_size - 1)
     if draft_vocab is not None:
         beagle["draft_vocab_size"] = len(draft_vocab)
     cfg = BeagleConfig.from_target(target.config.to_dict(), verifier=verifier, **beagle)
     draft = ReferenceDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    _random_init(draft.block, torch.Generator().manual_seed(seed), attn_std, out_std, mlp_std)
+    _random_init(draft.block, torch.Generator().manual_seed(seed), attn_std, out_std, mlp_std, row_std)
     if draft.block.final_norm is not None:
         with torch.no_grad():
             draft.block.final_norm.weight.copy_(target.model.norm.weight)

@@ -92,14 +92,15 @@ class BeagleDraftModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds = self.embed_tokens(input_ids)
-        q = self.block.queries(embeds, positions).flatten(-2)
+        # hidden_states[p] is row p's own state: the target's (combined) in the first pass, the ĥ fed back after.
+        rows = self.block.row_input(self.embed_tokens(input_ids), hidden_states)
+        q = self.block.queries(rows, positions).flatten(-2)
         if self.states_in:
             attn = self.attn(q, hidden_states, positions, self.block)
         else:
             k, v = self.block.keys_values(hidden_states, positions)
             attn = self.attn(q, k.flatten(-2), v.flatten(-2))
-        predicted = self.block.output(embeds, attn)
+        predicted = self.block.output(rows, attn)
         return self.block.logits_input(predicted), predicted
 
 

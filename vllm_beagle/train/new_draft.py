@@ -8,17 +8,17 @@ from torch import nn
 
 from ..eagle import EagleDraft
 from ..reference import Draft, ReferenceDraft
-from ..schema import STATE_FINAL_NORM, BeagleConfig, state_fields
+from ..schema import QUERY_TOKEN, STATE_FINAL_NORM, BeagleConfig, state_fields
 from .draft_vocab import coverage, draft_vocabulary, token_counts
 from .shards import ShardSet
 
 
 def check_options(arch: str, kv_mode: str, draft_vocab: int, drafting: str = "chain",
-                  mask_token_id: int | None = None) -> None:
+                  mask_token_id: int | None = None, query: str = QUERY_TOKEN) -> None:
     """ValueError for options that contradict each other, before anything is loaded."""
-    if arch == "eagle" and (draft_vocab or kv_mode != "concat" or drafting != "chain"):
+    if arch == "eagle" and (draft_vocab or kv_mode != "concat" or drafting != "chain" or query != QUERY_TOKEN):
         raise ValueError("--arch eagle is vLLM's EAGLE-1, which drafts a chain over the full vocabulary "
-                         "with its own attention: --draft-vocab, --kv-mode and --drafting do not apply")
+                         "with its own attention: --draft-vocab, --kv-mode, --drafting and --query do not apply")
     if drafting == "parallel" and kv_mode != "concat":
         raise ValueError("--drafting parallel needs --kv-mode concat: vLLM's mask rows attend to the "
                          "placeholder states of the rows before them")
@@ -28,11 +28,11 @@ def check_options(arch: str, kv_mode: str, draft_vocab: int, drafting: str = "ch
 
 def new_draft(target: nn.Module, data: ShardSet, arch: str = "beagle", kv_mode: str = "concat",
               draft_vocab: int = 0, seed: int = 0, drafting: str = "chain",
-              mask_token_id: int | None = None) -> tuple[Draft, dict]:
+              mask_token_id: int | None = None, query: str = QUERY_TOKEN) -> tuple[Draft, dict]:
     """(draft, facts for the checkpoint's training record), its weights drawn from `seed`. A parallel draft's
     mask token defaults to the last id of the vocabulary (a BPE vocabulary's rarest merge, or a reserved
     token). ValueError names what does not fit."""
-    check_options(arch, kv_mode, draft_vocab, drafting, mask_token_id)
+    check_options(arch, kv_mode, draft_vocab, drafting, mask_token_id, query)
     state = state_fields(data.state, target.config.num_hidden_layers)
     if arch == "eagle" and state != {"state": STATE_FINAL_NORM}:
         raise ValueError(f"--arch eagle reads the target's final state, but the shards in {data.folder} hold "
@@ -40,7 +40,7 @@ def new_draft(target: nn.Module, data: ShardSet, arch: str = "beagle", kv_mode: 
     if drafting == "parallel" and mask_token_id is None:
         mask_token_id = target.config.vocab_size - 1
     cfg = BeagleConfig.from_target(target.config.to_dict(), kv_mode=kv_mode, draft_vocab_size=draft_vocab or None,
-                                   drafting=drafting, mask_token_id=mask_token_id,
+                                   drafting=drafting, mask_token_id=mask_token_id, query=query,
                                    **state)
     if data.state_width != cfg.state_width:
         raise ValueError(f"the shards in {data.folder} hold {data.state} states of width {data.state_width}, but "

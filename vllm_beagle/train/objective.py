@@ -85,13 +85,21 @@ def stage1_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: i
 
     flex: attend through FlexAttention's block-sparse mask rather than SDPA's dense one (same result).
     """
+    predicted = stage1_predictions(draft, batch, window, offset, cfg, generator, flex)
+    return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
+
+
+def stage1_predictions(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
+                       generator: torch.Generator | None = None, flex: bool = False) -> torch.Tensor:
+    """[B, R, H]: every row attends to the true states up to its window's first row (masks.stage1). A token+state
+    query reads its row's true state in every row, teacher-forced as EAGLE-1 trains: inside a window a draft step
+    would read the ĥ of the step before, which stage 2 feeds."""
     num_rows, device = batch.num_rows, batch.tokens.device
     rows = torch.arange(num_rows, device=device)
     visible = (block_mask(num_rows, window, offset, 0, device) if flex
                else stage1(num_rows, window, offset, device).dense())
-    predicted = draft(batch.tokens[:, 1:], rows, draft.combine(_noisy_states(batch, cfg, generator)), rows,
-                      visible=visible)
-    return _loss(draft, predicted, batch, cfg, batch.loss_mask[:, 1:])
+    states = draft.combine(_noisy_states(batch, cfg, generator))
+    return draft(batch.tokens[:, 1:], rows, states, rows, visible=visible, row_states=states)
 
 
 def parallel_loss(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, cfg: LossConfig,
@@ -108,12 +116,14 @@ def parallel_predictions(draft: ReferenceDraft, batch: TrainBatch, window: int, 
     the placeholder states of the rows before them in the window (masks.parallel)."""
     num_rows, device = batch.num_rows, batch.tokens.device
     rows = torch.arange(num_rows, device=device)
-    tokens = torch.where(mask_rows(num_rows, window, offset, device), draft.cfg.mask_token_id, batch.tokens[:, 1:])
+    masked = mask_rows(num_rows, window, offset, device)
+    tokens = torch.where(masked, draft.cfg.mask_token_id, batch.tokens[:, 1:])
     true_keys = draft.combine(_noisy_states(batch, cfg, generator))
     placeholders = draft.combine(draft.block.mask_hidden).to(true_keys.dtype).expand_as(true_keys)
     keys = torch.cat([true_keys, placeholders], dim=1)
     visible = parallel(num_rows, window, offset, device).dense()
-    return draft(tokens, rows, keys, torch.cat([rows, rows]), visible=visible)
+    return draft(tokens, rows, keys, torch.cat([rows, rows]), visible=visible,
+                 row_states=torch.where(masked[:, None], placeholders, true_keys))
 
 
 def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset: int, steps: int, cfg: LossConfig,
@@ -144,7 +154,11 @@ def stage2_losses(draft: ReferenceDraft, batch: TrainBatch, window: int, offset:
         # A step without exact rows (a batch shorter than the step) has no query for FlexAttention to tile.
         visible = (block_mask(num_rows, window, offset, step, device) if flex and len(exact)
                    else stage2(num_rows, window, offset, step, exact, device).dense())
-        out = draft(batch.tokens[:, 1:][:, exact], exact, keys, key_positions, visible=visible)
+        # An exact row's own state: the true one at step 1 (the window's first row), after that the ĥ that the
+        # step before wrote into its slot.
+        row_states = (true_keys if step == 1 else slots)[:, exact]
+        out = draft(batch.tokens[:, 1:][:, exact], exact, keys, key_positions, visible=visible,
+                    row_states=row_states)
         loss = (window - step + 1) * _loss(draft, out, batch, cfg, batch.loss_mask[:, 1:][:, exact], exact)
         predicted = out.new_full((out.shape[0], num_rows, out.shape[-1]), float("nan"))
         predicted[:, exact] = out.detach()

@@ -29,6 +29,7 @@ class TrainJob:
     arch: str = "beagle"
     kv_mode: str = "concat"
     drafting: str = "chain"
+    query: str = "token"
     mask_token_id: int | None = None  # None: new_draft's default for parallel drafting
     draft_vocab: int | None = None  # None: draft_vocab.default_size
     state: str | None = None  # None: the shards' own
@@ -53,7 +54,7 @@ def check_job(job: TrainJob, cfg: TrainConfig) -> None:
     """ValueError for options that cannot work, before anything is loaded."""
     from .new_draft import check_options
 
-    check_options(job.arch, job.kv_mode, job.draft_vocab or 0, job.drafting, job.mask_token_id)
+    check_options(job.arch, job.kv_mode, job.draft_vocab or 0, job.drafting, job.mask_token_id, job.query)
     device = resolve_device(job.device)
     if uses_flex(cfg.attention, device) and job.drafting == "parallel":
         raise ValueError("--drafting parallel trains through dense attention only: drop --attention flex")
@@ -109,7 +110,7 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     data.keep_fraction(*job.data_fraction)
     heldout = ShardSet(heldout_dir, vocab_size, state) if heldout_dir else None
     draft, facts = new_draft(target, data, job.arch, job.kv_mode, draft_vocab, cfg.seed, job.drafting,
-                             job.mask_token_id)
+                             job.mask_token_id, job.query)
     if draft_vocab:
         print(f"beagle train: draft vocabulary of {draft_vocab} tokens covers "
               f"{facts['draft_vocab_coverage']:.1%} of the training targets")
@@ -120,7 +121,7 @@ def run(job: TrainJob, cfg: TrainConfig) -> bool:
     prepare_output_dir(os.path.dirname(os.path.abspath(job.out)), state_bytes, "the checkpoint")
     identity = run_identity(cfg, data, target=fingerprint(job.target), arch=job.arch, state=data.state,
                             kv_mode=job.kv_mode, draft_vocab=draft_vocab, drafting=job.drafting,
-                            mask_token_id=draft.cfg.mask_token_id)
+                            mask_token_id=draft.cfg.mask_token_id, query=job.query)
     # One lock per run: under torchrun every rank trains, and rank 0 holds the folder and writes.
     rank = int(os.environ.get("RANK", "0"))
     with exclusive(work_dir, "the training folder") if rank == 0 else contextlib.nullcontext():
