@@ -11,7 +11,7 @@ import sys
 
 from .local_server import SERVER_MODULE
 from .outputs import OutputError, prepare_output_dir
-from .schema import CheckpointError
+from .schema import QUERIES, QUERY_TOKEN, CheckpointError
 
 
 def _target_config(target: str) -> dict | None:
@@ -406,7 +406,7 @@ def add_train_command(sub) -> None:
                          "all K tokens from one forward (vLLM's parallel drafting), the rows after the first "
                          "carrying a mask token and a learned placeholder state; trains stage 1's windows with "
                          "those rows for every epoch, so it needs --stage2-epochs 0")
-    tr.add_argument("--query", choices=["token", "token+state"], default="token",
+    tr.add_argument("--query", choices=QUERIES, default=QUERY_TOKEN,
                     help="what each row's query starts from: token (default, the paper's): its token's embedding; "
                          "token+state: that plus a learned projection of the row's own state (the target's, or "
                          "the draft's prediction fed back), so that the query can match the context before its "

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import is_beagle_config
 from ..cpu import warn_if_slow_bf16
 from ..outputs import exclusive, prepare_output_dir
-from ..schema import CONFIG_FILE
+from ..schema import CONFIG_FILE, QUERY_TOKEN
 from ..verifier import hub_name
 from .loop import TrainConfig, last_evaluation, run_identity, train, training_stats, uses_flex
 
@@ -29,7 +29,7 @@ class TrainJob:
     arch: str = "beagle"
     kv_mode: str = "concat"
     drafting: str = "chain"
-    query: str = "token"
+    query: str = QUERY_TOKEN
     mask_token_id: int | None = None  # None: new_draft's default for parallel drafting
     draft_vocab: int | None = None  # None: draft_vocab.default_size
     state: str | None = None  # None: the shards' own
