@@ -65,8 +65,12 @@ VARIANTS = {
     "top-noreg": ["--state", "final_norm", "--regression-weight", "0"],
     "fused": [],
     "fused-noreg": ["--regression-weight", "0"],
-    # The query reads its row's own state beside its token's embedding (--query token+state).
+    # The query reads its row's own state beside its token's embedding (--query token+state); -sim trains every
+    # epoch in stage 2, whose draft steps read the states the draft fed back (EAGLE-3's training-time test),
+    # where stage 1 would teach the rows inside a window to read true states they never get in drafting.
     "fused-noreg-qstate": ["--regression-weight", "0", "--query", "token+state"],
+    "fused-noreg-qstate-sim": ["--regression-weight", "0", "--query", "token+state", "--stage1-epochs", "0",
+                               "--stage2-epochs", "3"],
     "fused-qstate": ["--query", "token+state"],
     # EAGLE-1 drafts over the full vocabulary, whatever draft vocabulary the common options ask for.
     "eagle": ["--arch", "eagle", "--draft-vocab", "0"],
