@@ -15,10 +15,12 @@
 #    with AVX512-BF16: 710 target tokens/s in bf16; one with AVX2 alone: 440 in fp32; an Intel Xeon with
 #    AMX: 2,000) its states and at least one variant fit in one 3-hour session. No step makes states that
 #    WORK holds already.
-# 3. Beagle variants on that eighth (top or fused states, with or without the state regression, queries of the
-#    token alone or of the token and the row's own state), each `beagle train` with the same recipe (in bf16;
-#    in fp32 the fused pair with and without the regression, which shows what bf16 costs, and the token+state
-#    query beside them: all that a CPU without bf16 trains, the others waiting for a machine with it), then its
+# 3. First a screen of the query (beagle train --query) on the first thirty-second of the training
+#    conversations, the paper's token query against token+state, in fp32, measured as below into
+#    benchmarks/results/ablation-query-smollm2-cpu.json; then Beagle variants on that eighth (top or fused
+#    states, with or without the state regression), each `beagle train` with the same recipe (in bf16; the
+#    fused ones with and without the regression in fp32 too, which shows what bf16 costs and is all that a CPU
+#    without bf16 trains, the others waiting for a machine with it), then its
 #    offline tau on every held-out sequence and a vLLM run of its own on 16
 #    MT-Bench first turns beside plain decoding and n-gram drafting (benchmarks/ablation.py), each
 #    variant's row written into benchmarks/results/ablation-eighth-smollm2-cpu.json as it comes: commit it,
@@ -55,13 +57,12 @@ main() {
 
     # bf16 where the CPU has bf16 instructions; elsewhere (AVX2 alone) a bf16 matrix product runs ~100x
     # slower than an fp32 one (vllm_beagle/cpu.py): there the states come in fp32, and the eighth trains only
-    # the fp32 variants (NAME-fp32; the token-only fused one showed bf16 costs nothing); the rest wait for a
-    # machine with bf16, which trains the fp32 ones as well.
+    # the fused pair with and without the regression, in fp32 (NAME-fp32; the token-only fused one showed
+    # bf16 costs nothing); the rest wait for a machine with bf16, which trains that pair in fp32 as well.
     if [ "$("$PY" -c 'from vllm_beagle.cpu import native_bf16; print(native_bf16() is not False)')" = True ]; then
-        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg fused-noreg-fp32 fused-fp32
-                                                      fused-noreg-qstate-fp32)
+        STATE_DTYPE=bfloat16 PRECISION=bf16 VARIANTS=(fused-noreg top top-noreg fused-noreg-fp32 fused-fp32)
     else
-        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32 fused-noreg-qstate-fp32)
+        STATE_DTYPE=float32 PRECISION=fp32 VARIANTS=(fused-noreg-fp32 fused-fp32)
     fi
     echo "smollm2_pipeline.sh: states in $STATE_DTYPE, training in $PRECISION" >&2
 
@@ -78,6 +79,13 @@ print(held_conversations(sys.argv[1]))' "$WORK/fused/train")
             "${BEAGLE[@]}" data "$TARGET" "${FUSED[@]}" --num-prompts $((100 + $1))
         fi
     }
+    # The query screen: a thirty-second of the training conversations, the token+state query trained two ways
+    # against the paper's token query, each in fp32 (comparable on every machine), before the eighth's rows.
+    states_of $((TRAINING / 32))
+    "$PY" benchmarks/ablation.py --data "$WORK/fused/train" --work "$WORK/drafts-query" --conversations $TRAINING \
+        --variants fused-noreg-qstate-fp32@0.03125 fused-noreg-fp32@0.03125 fused-noreg-qstate-sim-fp32@0.03125 \
+        --offline-sequences 1000 --json benchmarks/results/ablation-query-smollm2-cpu.json \
+        -- "${TRAIN[@]}" --precision bf16
     # Each variant's row lands in the committed results file as soon as it is measured; ablation.py skips the
     # rows already there, so the ablation carries over to another machine a variant at a time.
     EIGHTH=benchmarks/results/ablation-eighth-smollm2-cpu.json
