@@ -71,7 +71,6 @@ VARIANTS = {
     "fused-noreg-qstate": ["--regression-weight", "0", "--query", "token+state"],
     "fused-noreg-qstate-sim": ["--regression-weight", "0", "--query", "token+state", "--stage1-epochs", "0",
                                "--stage2-epochs", "3"],
-    "fused-qstate": ["--query", "token+state"],
     # EAGLE-1 drafts over the full vocabulary, whatever draft vocabulary the common options ask for.
     "eagle": ["--arch", "eagle", "--draft-vocab", "0"],
 }
